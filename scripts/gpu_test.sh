@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# On a CUDA host: build the extension in place for this GPU with all cores, run the cuda tests,
+# run the op benchmark, and print a short table last.
+#   scripts/gpu_test.sh                 everything
+#   OPS=rms_norm TESTS="-k rms_norm" scripts/gpu_test.sh
+#   SANITIZE=1 also runs compute-sanitizer memcheck and racecheck over SANITIZE_TESTS.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG_DIR=${LOG_DIR:-build/gpu-logs}
+mkdir -p "$LOG_DIR"
+[ -d .gpu-bundle/site ] && export PYTHONPATH="$PWD/.gpu-bundle/site:${PYTHONPATH:-}"
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+export MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export UNSLOTH_EXT_REQUIRE_CUDA_BUILD=1
+
+stage() { echo; echo "=== $1"; }
+declare -A status
+
+stage "build (archs $TORCH_CUDA_ARCH_LIST, $MAX_JOBS jobs)"
+start=$(date +%s)
+if python setup.py -q build_ext --inplace >"$LOG_DIR/build.log" 2>&1; then
+  status[build]="ok ($(( $(date +%s) - start )) s)"
+else
+  tail -40 "$LOG_DIR/build.log"; status[build]="FAILED"
+  echo "build failed"; exit 1
+fi
+
+stage "environment"
+python -m unsloth_ext
+
+stage "cuda tests"
+python -m pytest python_tests -m cuda -q -rfs ${TESTS:-} 2>&1 | tee "$LOG_DIR/tests.log" | tail -30
+status[tests]=$(tail -1 "$LOG_DIR/tests.log")
+
+if [ "${SANITIZE:-0}" = "1" ]; then
+  for tool in memcheck racecheck; do
+    stage "compute-sanitizer $tool"
+    compute-sanitizer --tool "$tool" --error-exitcode 9 --target-processes all \
+      python -m pytest python_tests -m cuda -q -x -k "${SANITIZE_TESTS:-not 2_pow_31}" \
+      >"$LOG_DIR/sanitize-$tool.log" 2>&1
+    rc=$?
+    tail -5 "$LOG_DIR/sanitize-$tool.log"
+    status[$tool]=$([ $rc = 0 ] && echo clean || echo "FAILED (rc $rc)")
+  done
+fi
+
+if [ "${BENCH:-1}" = "1" ]; then
+  stage "benchmarks"
+  python benchmarks/bench_ops.py ${OPS:+--ops "$OPS"} 2>&1 | tee "$LOG_DIR/bench.log" | tail -40
+fi
+
+stage "summary"
+for k in "${!status[@]}"; do printf '%-10s %s\n' "$k" "${status[$k]}"; done
+grep -E "^\| [a-z_]+ \| (fwd|bwd)" "$LOG_DIR/bench.log" 2>/dev/null

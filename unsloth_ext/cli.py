@@ -1,0 +1,37 @@
+"""Command line: `unsloth-ext env` (also `python -m unsloth_ext`) and `unsloth-ext demo`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _env(_args) -> int:
+    from unsloth_ext.env_report import report
+
+    text, code = report()
+    print(text)
+    return code
+
+
+def _demo(_args) -> int:
+    from unsloth_ext.demo import run_op_demo
+
+    code = _env(_args)
+    print()
+    run_op_demo()
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="unsloth-ext", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("env", help="print the environment report (the default)").set_defaults(func=_env)
+    sub.add_parser("demo", help="environment report, then each op against its reference"
+                   ).set_defaults(func=_demo)
+    args = parser.parse_args(argv)
+    return getattr(args, "func", _env)(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
