@@ -52,7 +52,8 @@ def buildable_archs(cuda_home):
     known = {line.strip().removeprefix("compute_") for line in out.split()}
     keep = []
     for arch in wanted:
-        number = arch.removesuffix("+PTX").replace(".", "")
+        # "9.0a"/"10.0f" build with the plain compute target's compiler support.
+        number = arch.removesuffix("+PTX").rstrip("af").replace(".", "")
         if number in known:
             keep.append(arch)
         else:

@@ -10,7 +10,8 @@ LOG_DIR=${LOG_DIR:-build/gpu-logs}
 mkdir -p "$LOG_DIR"
 [ -d .gpu-bundle/site ] && export PYTHONPATH="$PWD/.gpu-bundle/site:${PYTHONPATH:-}"
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-export MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+# GPU_ARCHS, not an inherited TORCH_CUDA_ARCH_LIST, picks the archs (default: sm_90).
+export MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${GPU_ARCHS:-9.0}
 export UNSLOTH_EXT_REQUIRE_CUDA_BUILD=1
 
 stage() { echo; echo "=== $1"; }

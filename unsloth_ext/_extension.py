@@ -10,6 +10,7 @@ import functools
 import importlib
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,16 +67,23 @@ def built_archs() -> list[str]:
     return list(STATE.metadata.get("archs", []))
 
 
+_ARCH = re.compile(r"^(\d+)\.(\d+)([af]?)(\+PTX)?$")
+
+
 def arch_supported(capability: tuple[int, int]) -> bool:
-    """True when the binary has SASS this GPU runs (same major, minor not above) or PTX for an
-    arch not above it (the driver compiles that)."""
-    major, minor = capability
+    """True when the binary has SASS this GPU runs (same major, minor not above; an
+    arch-specific "9.0a" only on that exact arch) or PTX for an arch not above it."""
     for arch in built_archs():
-        ptx = arch.endswith("+PTX")
-        a_major, a_minor = (int(v) for v in arch.removesuffix("+PTX").split("."))
-        if a_major == major and a_minor <= minor:
+        match = _ARCH.match(arch)
+        if match is None:
+            continue
+        built = (int(match.group(1)), int(match.group(2)))
+        specific, ptx = match.group(3) == "a", match.group(4) is not None
+        if built == capability:
             return True
-        if ptx and (a_major, a_minor) <= (major, minor):
+        if not specific and built[0] == capability[0] and built[1] <= capability[1]:
+            return True
+        if ptx and not specific and built <= capability:
             return True
     return False
 
