@@ -156,7 +156,8 @@ def test_kernel_fp32_weight(shape, dtype, gemma):
     dx, dw = _run_bwd(dy, x, w, rstd, gemma)
     rdx, rdw = rms_norm_bwd_reference(dy, x, w, rrstd, gemma)
     assert_close(dx, rdx)
-    assert_close(dw, rdw, dtype=torch.float32, scale=10.0)
+    # fp32 dW, but summed from values rounded to x's dtype (as transformers does).
+    assert_close(dw, rdw, dtype=dtype, scale=4.0)
 
 
 @pytest.mark.cuda
@@ -173,7 +174,11 @@ def test_kernel_matches_transformers_modules(gemma):
     gx, gw = torch.autograd.grad(y, (x, module.weight), dy)
     rgx, rgw = torch.autograd.grad(ref, (x, module.weight), dy)
     assert_close(gx, rgx)
-    assert_close(gw, rgw, scale=4.0)
+    # transformers' dW rounds each product to bf16 before summing; judge both against fp64.
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = module.weight.detach().double().requires_grad_(True)
+    ogw, = torch.autograd.grad(rms_norm_reference(x64, w64, EPS, gemma), (w64,), dy.double())
+    assert_no_worse_than_reference(gw, rgw, ogw)
 
 
 @pytest.mark.cuda

@@ -69,8 +69,17 @@ __device__ __forceinline__ A warp_sum(A v) {
   return v;
 }
 
-// Sum over the threads of one row group: threads sharing threadIdx.y, blockDim.x a multiple of
-// 32. `scratch` holds 32 accumulators per row group. Every thread of the block must call it.
+// A block holds up to kMaxRowGroups row groups (threads sharing threadIdx.y, blockDim.x a
+// multiple of 32). Each group synchronises on its own named barrier (ids 1..kMaxRowGroups; 0 is
+// __syncthreads), so groups of one block run their rows independently.
+constexpr int kMaxRowGroups = 8;
+
+__device__ __forceinline__ void row_group_sync() {
+  asm volatile("bar.sync %0, %1;" ::"r"(threadIdx.y + 1), "r"(blockDim.x) : "memory");
+}
+
+// Sum over the threads of one row group. `scratch` holds 32 accumulators per row group. Every
+// thread of the group must call it.
 template <typename A>
 __device__ __forceinline__ A row_group_sum(A v, A* scratch) {
   v = warp_sum(v);
@@ -78,10 +87,10 @@ __device__ __forceinline__ A row_group_sum(A v, A* scratch) {
   if (warps == 1) return v;
   A* s = scratch + threadIdx.y * 32;
   if (threadIdx.x % 32 == 0) s[threadIdx.x / 32] = v;
-  __syncthreads();
+  row_group_sync();
   A total = 0;
   for (int w = 0; w < warps; ++w) total += s[w];
-  __syncthreads();
+  row_group_sync();
   return total;
 }
 

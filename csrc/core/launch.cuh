@@ -19,9 +19,6 @@ inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 1
 // Multiprocessor count of the current device, cached per device.
 int sm_count();
 
-// Row groups per block are capped so the reduction scratch stays small.
-constexpr int kMaxRowGroups = 32;
-
 // How a row of `cols` elements is split over threads. vpt > 0: each thread keeps vpt vectors of
 // the row in registers (the row is read once). vpt == 0: the row is streamed twice through the
 // cache, for rows too long to keep in registers.
@@ -38,12 +35,13 @@ struct RowPlan {
 inline RowPlan plan_rows(int64_t cols, int vec, int block_threads, int max_threads_x) {
   const int64_t n_vec = ceil_div(cols, vec);
   const int64_t tx1 = ceil_div(n_vec, 32) * 32;
-  if (tx1 <= 128) return {vec, 1, static_cast<int>(tx1), block_threads / static_cast<int>(tx1)};
+  const auto groups = [&](int64_t tx) {
+    const int64_t g = block_threads / tx;
+    return static_cast<int>(g < 1 ? 1 : (g > kMaxRowGroups ? kMaxRowGroups : g));
+  };
+  if (tx1 <= 128) return {vec, 1, static_cast<int>(tx1), groups(tx1)};
   const int64_t tx4 = ceil_div(n_vec, 4 * 32) * 32;
-  if (tx4 <= max_threads_x) {
-    const int tx = static_cast<int>(tx4);
-    return {vec, 4, tx, block_threads / tx > 1 ? block_threads / tx : 1};
-  }
+  if (tx4 <= max_threads_x) return {vec, 4, static_cast<int>(tx4), groups(tx4)};
   return {vec, 0, max_threads_x, 1};
 }
 
@@ -61,6 +59,15 @@ void dispatch_row_plan(const RowPlan& plan, F&& f) {
     with_vpt(std::integral_constant<int, 1>{});
   } else {
     with_vpt(std::integral_constant<int, kMaxVec>{});
+  }
+}
+
+// Lets `kernel` take more than the default 48 KB of dynamic shared memory.
+template <typename Kernel>
+void allow_dynamic_smem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         static_cast<int>(bytes));
   }
 }
 

@@ -37,12 +37,15 @@ rms_norm_fwd_kernel(const RMSNormFwdParams p) {
 
   A sumsq = 0;
   if constexpr (VPT > 0) {
+    // x and w are loaded together, so the weight read overlaps the row reduction.
     Vec<T, VEC> xv[VPT];
+    Vec<W, VEC> wv[VPT];
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
       const int64_t j = static_cast<int64_t>(i) * blockDim.x + threadIdx.x;
       if (valid && j < n_vec) {
         xv[i] = load_vec<T, VEC>(x + j * VEC);
+        wv[i] = load_vec<W, VEC>(w + j * VEC);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           const A a = convert<A>(xv[i].v[k]);
@@ -55,11 +58,10 @@ rms_norm_fwd_kernel(const RMSNormFwdParams p) {
     for (int i = 0; i < VPT; ++i) {
       const int64_t j = static_cast<int64_t>(i) * blockDim.x + threadIdx.x;
       if (valid && j < n_vec) {
-        const Vec<W, VEC> wv = load_vec<W, VEC>(w + j * VEC);
         Vec<O, VEC> yv;
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          yv.v[k] = norm_out<T, O>(convert<A>(xv[i].v[k]) * rstd, convert<A>(wv.v[k]), p.gemma);
+          yv.v[k] = norm_out<T, O>(convert<A>(xv[i].v[k]) * rstd, convert<A>(wv[i].v[k]), p.gemma);
         }
         store_vec<O, VEC>(y + j * VEC, yv);
       }
@@ -106,12 +108,18 @@ rms_norm_bwd_kernel(const RMSNormBwdParams p) {
   const A inv_cols = A(1) / A(p.cols);
 
   if constexpr (VPT > 0) {
-    // x, dy and the dW partials stay in registers; w is re-read from L1 (registers are the limit).
-    A dw_acc[VPT][VEC];
+    // x and dy stay in registers; each row group sums dy * xhat for its columns into its own
+    // slice of shared memory (each thread only ever touches its own columns there).
+    A* dw_group = reinterpret_cast<A*>(dw_smem_bytes) + threadIdx.y * p.cols;
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
+      const int64_t j = static_cast<int64_t>(i) * blockDim.x + threadIdx.x;
+      if (j < n_vec) {
+        Vec<A, VEC> zero;
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) dw_acc[i][k] = 0;
+        for (int k = 0; k < VEC; ++k) zero.v[k] = 0;
+        store_vec<A, VEC>(dw_group + j * VEC, zero);
+      }
     }
     for (int64_t row0 = static_cast<int64_t>(blockIdx.x) * blockDim.y; row0 < p.rows;
          row0 += row_step) {
@@ -144,6 +152,7 @@ rms_norm_bwd_kernel(const RMSNormBwdParams p) {
         const int64_t j = static_cast<int64_t>(i) * blockDim.x + threadIdx.x;
         if (valid && j < n_vec) {
           const Vec<W, VEC> wv = load_vec<W, VEC>(w + j * VEC);
+          Vec<A, VEC> dw = load_vec<A, VEC>(dw_group + j * VEC);
           Vec<T, VEC> dxv;
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
@@ -151,44 +160,21 @@ rms_norm_bwd_kernel(const RMSNormBwdParams p) {
             const A xhat = convert<A>(xv[i].v[k]) * rstd;
             const A g = dyk * (convert<A>(wv.v[k]) + w_shift);
             dxv.v[k] = convert<T>(rstd * (g - xhat * mean_dot));
-            dw_acc[i][k] += dyk * (p.gemma ? xhat : round_through<T>(xhat));
+            dw.v[k] += dyk * (p.gemma ? xhat : round_through<T>(xhat));
           }
           store_vec<T, VEC>(dx + j * VEC, dxv);
+          store_vec<A, VEC>(dw_group + j * VEC, dw);
         }
       }
     }
-    // Row groups of this block add their partials in a fixed order (deterministic dW).
-    if (blockDim.y == 1) {
-#pragma unroll
-      for (int i = 0; i < VPT; ++i) {
-        const int64_t j = static_cast<int64_t>(i) * blockDim.x + threadIdx.x;
-        if (j < n_vec) {
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) partial[j * VEC + k] = dw_acc[i][k];
-        }
-      }
-    } else {
-      A* dw_smem = reinterpret_cast<A*>(dw_smem_bytes);
-      for (int group = 0; group < static_cast<int>(blockDim.y); ++group) {
-        if (threadIdx.y == group) {
-#pragma unroll
-          for (int i = 0; i < VPT; ++i) {
-            const int64_t j = static_cast<int64_t>(i) * blockDim.x + threadIdx.x;
-            if (j < n_vec) {
-#pragma unroll
-              for (int k = 0; k < VEC; ++k) {
-                A* s = dw_smem + j * VEC + k;
-                *s = (group == 0 ? A(0) : *s) + dw_acc[i][k];
-              }
-            }
-          }
-        }
-        __syncthreads();
-      }
-      const int threads = blockDim.x * blockDim.y;
-      for (int64_t c = threadIdx.y * blockDim.x + threadIdx.x; c < p.cols; c += threads) {
-        partial[c] = dw_smem[c];
-      }
+    // The groups' slices are added in a fixed order (deterministic dW).
+    __syncthreads();
+    const A* dw_all = reinterpret_cast<const A*>(dw_smem_bytes);
+    const int threads = blockDim.x * blockDim.y;
+    for (int64_t c = threadIdx.y * blockDim.x + threadIdx.x; c < p.cols; c += threads) {
+      A total = 0;
+      for (int g = 0; g < static_cast<int>(blockDim.y); ++g) total += dw_all[g * p.cols + c];
+      partial[c] = total;
     }
   } else {
     // Streaming: one row group per block; this thread owns the same columns of `partial` in
@@ -272,11 +258,12 @@ BwdShape bwd_shape(const RMSNormBwdParams& p) {
   const int64_t strides[] = {p.x_row_stride, p.dy_row_stride};
   const int vec = vector_width<T>(ptrs, 4, strides, 2, p.cols);
   const RowPlan plan = plan_rows(p.cols, vec, kBwdBlockThreads, kBwdMaxThreads);
-  const size_t smem = plan.rows_per_block > 1 ? p.cols * sizeof(acc_t<T>) : 0;
+  const size_t smem = plan.vpt > 0 ? plan.rows_per_block * p.cols * sizeof(acc_t<T>) : 0;
   int64_t resident = 0;
   dispatch_row_plan<kVec16<T>>(plan, [&](auto vec_c, auto vpt_c) {
-    resident = resident_blocks(rms_norm_bwd_kernel<T, W, O, vec_c.value, vpt_c.value>,
-                               plan.threads_x * plan.rows_per_block, smem);
+    const auto kernel = rms_norm_bwd_kernel<T, W, O, vec_c.value, vpt_c.value>;
+    allow_dynamic_smem(kernel, smem);
+    resident = resident_blocks(kernel, plan.threads_x * plan.rows_per_block, smem);
   });
   const int64_t needed = ceil_div(p.rows, plan.rows_per_block);
   return {plan, needed < resident ? needed : resident, smem};
@@ -286,9 +273,10 @@ template <typename T, typename W, typename O>
 void bwd_typed(const RMSNormBwdParams& p, cudaStream_t stream) {
   const BwdShape shape = bwd_shape<T, W, O>(p);
   dispatch_row_plan<kVec16<T>>(shape.plan, [&](auto vec_c, auto vpt_c) {
+    const auto kernel = rms_norm_bwd_kernel<T, W, O, vec_c.value, vpt_c.value>;
+    allow_dynamic_smem(kernel, shape.smem);
     const dim3 block(shape.plan.threads_x, shape.plan.rows_per_block);
-    rms_norm_bwd_kernel<T, W, O, vec_c.value, vpt_c.value>
-        <<<static_cast<unsigned>(shape.grid), block, shape.smem, stream>>>(p);
+    kernel<<<static_cast<unsigned>(shape.grid), block, shape.smem, stream>>>(p);
   });
   launch_column_sum(static_cast<const acc_t<T>*>(p.dw_partial), shape.grid, p.cols,
                     static_cast<W*>(p.dw), stream);
