@@ -13,6 +13,9 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 # GPU_ARCHS, not an inherited TORCH_CUDA_ARCH_LIST, picks the archs (default: sm_90).
 export MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST=${GPU_ARCHS:-9.0}
 export UNSLOTH_EXT_REQUIRE_CUDA_BUILD=1
+# A g++ that links libstdc++ statically into the extension breaks c10's error formatting (a crash
+# on the first error message with a number in it): build with the system compiler when present.
+if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
 
 stage() { echo; echo "=== $1"; }
 declare -A status

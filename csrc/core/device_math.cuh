@@ -27,12 +27,6 @@ __device__ __forceinline__ To convert(From x) {
   }
 }
 
-// Rounds an accumulator value through storage type T and back (what a cast to T then to fp32 does).
-template <typename T, typename A>
-__device__ __forceinline__ A round_through(A x) {
-  return convert<A>(convert<T>(x));
-}
-
 template <typename A>
 __device__ __forceinline__ A rsqrt_acc(A x) {
   if constexpr (std::is_same_v<A, double>) {
@@ -61,6 +55,45 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
 // Elements per 16-byte access.
 template <typename T>
 constexpr int kVec16 = 16 / sizeof(T);
+
+// A vector of storage values to accumulator values.
+template <typename A, typename T, int N>
+__device__ __forceinline__ void to_acc(const Vec<T, N>& v, A (&out)[N]) {
+#pragma unroll
+  for (int k = 0; k < N; ++k) out[k] = convert<A>(v.v[k]);
+}
+
+// Accumulator values to a vector of storage values; 16-bit types convert in pairs (one packed
+// conversion instruction for two values).
+template <typename T, typename A, int N>
+__device__ __forceinline__ Vec<T, N> from_acc(const A (&in)[N]) {
+  Vec<T, N> out;
+  if constexpr (std::is_same_v<T, __nv_bfloat16> && std::is_same_v<A, float> && N % 2 == 0) {
+#pragma unroll
+    for (int k = 0; k < N; k += 2) {
+      const __nv_bfloat162 pair = __float22bfloat162_rn(make_float2(in[k], in[k + 1]));
+      out.v[k] = pair.x;
+      out.v[k + 1] = pair.y;
+    }
+  } else if constexpr (std::is_same_v<T, __half> && std::is_same_v<A, float> && N % 2 == 0) {
+#pragma unroll
+    for (int k = 0; k < N; k += 2) {
+      const __half2 pair = __float22half2_rn(make_float2(in[k], in[k + 1]));
+      out.v[k] = pair.x;
+      out.v[k + 1] = pair.y;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) out.v[k] = convert<T>(in[k]);
+  }
+  return out;
+}
+
+// Rounds accumulator values through storage type T in place (a cast to T and back).
+template <typename T, typename A, int N>
+__device__ __forceinline__ void round_through(A (&v)[N]) {
+  if constexpr (!std::is_same_v<T, A>) to_acc(from_acc<T>(v), v);
+}
 
 template <typename A>
 __device__ __forceinline__ A warp_sum(A v) {

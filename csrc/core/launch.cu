@@ -1,18 +1,31 @@
+#include "core/bulk_copy.cuh"
 #include "core/launch.cuh"
 
 namespace unsloth_ext {
+namespace {
 
-int sm_count() {
-  // Cached per thread for the last device asked about: no locking, one query per device switch.
-  thread_local int cached_device = -1;
-  thread_local int cached_count = 0;
+// A device attribute, cached per thread for the last device asked about (no locking; one query
+// per device switch).
+int device_attribute(cudaDeviceAttr attr, int& cached_device, int& cached_value) {
   int device = 0;
   cudaGetDevice(&device);
   if (device != cached_device) {
-    cudaDeviceGetAttribute(&cached_count, cudaDevAttrMultiProcessorCount, device);
+    cudaDeviceGetAttribute(&cached_value, attr, device);
     cached_device = device;
   }
-  return cached_count;
+  return cached_value;
+}
+
+}  // namespace
+
+int sm_count() {
+  thread_local int device = -1, value = 0;
+  return device_attribute(cudaDevAttrMultiProcessorCount, device, value);
+}
+
+bool device_has_bulk_copy() {
+  thread_local int device = -1, value = 0;
+  return device_attribute(cudaDevAttrComputeCapabilityMajor, device, value) >= 9;
 }
 
 }  // namespace unsloth_ext

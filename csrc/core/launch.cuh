@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include "core/device_math.cuh"
@@ -19,47 +20,57 @@ inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 1
 // Multiprocessor count of the current device, cached per device.
 int sm_count();
 
-// How a row of `cols` elements is split over threads. vpt > 0: each thread keeps vpt vectors of
-// the row in registers (the row is read once). vpt == 0: the row is streamed twice through the
-// cache, for rows too long to keep in registers.
+// How rows of `cols` elements are split over a block: threads_x threads per row (a multiple of
+// 32, enough for `unroll` vectors each) and rows_per_block row groups.
 struct RowPlan {
-  int vec;             // elements per vector access
-  int vpt;             // vectors per thread, 1 or 4, or 0 for streaming
-  int threads_x;       // threads per row (a multiple of 32)
-  int rows_per_block;  // row groups per block
+  int vec;
+  int threads_x;
+  int rows_per_block;
 };
 
-// Short rows get one vector per thread and several rows per block of `block_threads`; longer
-// rows four vectors per thread, up to `max_threads_x` threads (the kernel's register budget);
-// longer still are streamed by `max_threads_x` threads.
-inline RowPlan plan_rows(int64_t cols, int vec, int block_threads, int max_threads_x) {
-  const int64_t n_vec = ceil_div(cols, vec);
-  const int64_t tx1 = ceil_div(n_vec, 32) * 32;
-  const auto groups = [&](int64_t tx) {
-    const int64_t g = block_threads / tx;
-    return static_cast<int>(g < 1 ? 1 : (g > kMaxRowGroups ? kMaxRowGroups : g));
-  };
-  if (tx1 <= 128) return {vec, 1, static_cast<int>(tx1), groups(tx1)};
-  const int64_t tx4 = ceil_div(n_vec, 4 * 32) * 32;
-  if (tx4 <= max_threads_x) return {vec, 4, static_cast<int>(tx4), groups(tx4)};
-  return {vec, 0, max_threads_x, 1};
+inline RowPlan plan_rows(int64_t cols, int vec, int block_threads, int unroll) {
+  const int64_t want = ceil_div(ceil_div(cols, vec), 32 * unroll) * 32;
+  const int tx = static_cast<int>(want < block_threads ? want : block_threads);
+  const int groups = block_threads / tx;
+  return {vec, tx, groups < kMaxRowGroups ? groups : kMaxRowGroups};
 }
 
-// Calls f(integral_constant<VEC>, integral_constant<VPT>) for the plan; VEC is 1 or kMaxVec.
-template <int kMaxVec, typename F>
-void dispatch_row_plan(const RowPlan& plan, F&& f) {
-  auto with_vpt = [&](auto vec) {
-    switch (plan.vpt) {
-      case 1: f(vec, std::integral_constant<int, 1>{}); return;
-      case 4: f(vec, std::integral_constant<int, 4>{}); return;
-      default: f(vec, std::integral_constant<int, 0>{}); return;
-    }
-  };
-  if (plan.vec == 1) {
-    with_vpt(std::integral_constant<int, 1>{});
-  } else {
-    with_vpt(std::integral_constant<int, kMaxVec>{});
+// kVec16<T> when every pointer is 16-byte aligned and cols and every row stride are multiples
+// of it, else 1.
+template <typename T>
+int vector_width(std::initializer_list<const void*> ptrs, std::initializer_list<int64_t> strides,
+                 int64_t cols) {
+  constexpr int kVec = kVec16<T>;
+  if (cols % kVec != 0) return 1;
+  for (const void* ptr : ptrs) {
+    if (!aligned16(ptr)) return 1;
   }
+  for (int64_t stride : strides) {
+    if (stride % kVec != 0) return 1;
+  }
+  return kVec;
+}
+
+// Calls f(integral_constant<VEC>) with VEC 1 or kVec.
+template <int kVec, typename F>
+void dispatch_vec(int vec, F&& f) {
+  if (vec == 1) {
+    f(std::integral_constant<int, 1>{});
+  } else {
+    f(std::integral_constant<int, kVec>{});
+  }
+}
+
+// Calls f(TypeTag<T>, TypeTag<W>, TypeTag<O>) for the supported (activation, parameter, output)
+// dtypes of the norm kernels: W and O each T itself, or fp32 beside 16-bit T.
+template <typename F>
+void dispatch_norm_types(DType x, DType w, DType o, F&& f) {
+  dispatch_float(x, [&](auto t) {
+    using T = typename decltype(t)::type;
+    dispatch_same_or_f32<T>(w, [&](auto wt) {
+      dispatch_same_or_f32<T>(o, [&](auto ot) { f(t, wt, ot); });
+    });
+  });
 }
 
 // Lets `kernel` take more than the default 48 KB of dynamic shared memory.

@@ -1,296 +1,368 @@
-// RMSNorm forward and backward. One row group of threads per row; the row stays in registers
-// (vpt > 0) or, for very long rows, is streamed twice through the cache (vpt == 0).
+// RMSNorm forward and backward. One row group of threads per row. Each pass over a row reads it
+// with several independent vector loads per thread in flight; the second pass re-reads the row,
+// which the first pass left in L1 (cheaper than holding it in registers: more warps fit per SM,
+// and more warps keep more memory requests in flight).
 #include "kernels/rms_norm.h"
 
+#include "core/bulk_copy.cuh"
 #include "core/device_math.cuh"
 #include "core/launch.cuh"
 
 namespace unsloth_ext {
 namespace {
 
-constexpr int kFwdBlockThreads = 256;
-constexpr int kFwdMaxThreads = 1024;
-// The backward keeps x, dy and the dW partials of its columns in registers: fewer threads per
-// block leave each thread the registers for that.
-constexpr int kBwdBlockThreads = 512;
-constexpr int kBwdMaxThreads = 512;
+constexpr int kFwdThreads = 512;
+constexpr int kFwdMinBlocks = 4;
+constexpr int kFwdUnroll = 2;
+constexpr int kBwdThreads = 512;
+constexpr int kBwdMinBlocks = 2;
+constexpr int kBwdUnroll = 2;
+// The Hopper backward: rows of x and dy staged in shared memory by bulk copies kBulkStages deep;
+// x, dy and the dW partials of a thread's columns (kBulkMaxVpt vectors at most) in registers.
+constexpr int kBulkThreads = 256;
+constexpr int kBulkMinBlocks = 2;
+constexpr int kBulkStages = 2;
+constexpr int kBulkMaxVpt = 4;
+// Above this, the backward's per-block dW partials live in the global workspace (L2) instead of
+// shared memory.
+constexpr size_t kMaxDwSmem = 96 * 1024;
 
-// Output element of one normalized value xhat (fp32/fp64) with weight w.
-template <typename T, typename O, typename A>
-__device__ __forceinline__ O norm_out(A xhat, A w, bool gemma) {
-  // Llama rounds the normalized row to x's dtype before the weight product; Gemma scales by
-  // (1 + w) in fp32 and rounds once.
-  return gemma ? convert<O>(xhat * (A(1) + w)) : convert<O>(round_through<T>(xhat) * w);
-}
-
-template <typename T, typename W, typename O, int VEC, int VPT>
-__global__ void __launch_bounds__(kFwdMaxThreads)
+template <typename T, typename W, typename O, int VEC>
+__global__ void __launch_bounds__(kFwdThreads, kFwdMinBlocks)
 rms_norm_fwd_kernel(const RMSNormFwdParams p) {
   using A = acc_t<T>;
   __shared__ A scratch[kMaxRowGroups * 32];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool valid = row < p.rows;
   const int64_t n_vec = p.cols / VEC;
+  const int64_t stride = static_cast<int64_t>(kFwdUnroll) * blockDim.x;
   const T* x = static_cast<const T*>(p.x) + (valid ? row : 0) * p.x_row_stride;
   const W* w = static_cast<const W*>(p.weight);
   O* y = static_cast<O*>(p.y) + (valid ? row : 0) * p.cols;
 
   A sumsq = 0;
-  if constexpr (VPT > 0) {
-    // x and w are loaded together, so the weight read overlaps the row reduction.
-    Vec<T, VEC> xv[VPT];
-    Vec<W, VEC> wv[VPT];
+  for (int64_t base = threadIdx.x; valid && base < n_vec; base += stride) {
+    Vec<T, VEC> xv[kFwdUnroll];
 #pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      const int64_t j = static_cast<int64_t>(i) * blockDim.x + threadIdx.x;
-      if (valid && j < n_vec) {
-        xv[i] = load_vec<T, VEC>(x + j * VEC);
-        wv[i] = load_vec<W, VEC>(w + j * VEC);
+    for (int u = 0; u < kFwdUnroll; ++u) {
+      const int64_t j = base + u * blockDim.x;
+      if (j < n_vec) xv[u] = load_vec<T, VEC>(x + j * VEC);
+    }
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const A a = convert<A>(xv[i].v[k]);
-          sumsq += a * a;
-        }
+    for (int u = 0; u < kFwdUnroll; ++u) {
+      if (base + u * blockDim.x < n_vec) {
+        A a[VEC];
+        to_acc(xv[u], a);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sumsq += a[k] * a[k];
       }
     }
-    const A rstd = rsqrt_acc(row_group_sum(sumsq, scratch) / A(p.cols) + A(p.eps));
+  }
+  const A rstd = rsqrt_acc(row_group_sum(sumsq, scratch) / A(p.cols) + A(p.eps));
+  if (!valid) return;
+  if (threadIdx.x == 0) static_cast<A*>(p.rstd)[row] = rstd;
+  // The second pass hits L1: one vector at a time keeps registers (and so occupancy) for pass 1.
+#pragma unroll 1
+  for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
+    A xh[VEC], wf[VEC], out[VEC];
+    to_acc(load_vec<T, VEC>(x + j * VEC), xh);
+    to_acc(load_vec<W, VEC>(w + j * VEC), wf);
 #pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      const int64_t j = static_cast<int64_t>(i) * blockDim.x + threadIdx.x;
-      if (valid && j < n_vec) {
-        Vec<O, VEC> yv;
+    for (int k = 0; k < VEC; ++k) xh[k] *= rstd;
+    if (p.gemma) {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          yv.v[k] = norm_out<T, O>(convert<A>(xv[i].v[k]) * rstd, convert<A>(wv[i].v[k]), p.gemma);
-        }
-        store_vec<O, VEC>(y + j * VEC, yv);
-      }
+      for (int k = 0; k < VEC; ++k) out[k] = xh[k] * (A(1) + wf[k]);
+    } else {
+      // Llama rounds the normalized row to x's dtype before the weight product.
+      round_through<T>(xh);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) out[k] = xh[k] * wf[k];
     }
-    if (valid && threadIdx.x == 0) static_cast<A*>(p.rstd)[row] = rstd;
-  } else {
-    for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
-      const Vec<T, VEC> xv = load_vec<T, VEC>(x + j * VEC);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const A a = convert<A>(xv.v[k]);
-        sumsq += a * a;
-      }
-    }
-    const A rstd = rsqrt_acc(row_group_sum(sumsq, scratch) / A(p.cols) + A(p.eps));
-    for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
-      const Vec<T, VEC> xv = load_vec<T, VEC>(x + j * VEC);
-      const Vec<W, VEC> wv = load_vec<W, VEC>(w + j * VEC);
-      Vec<O, VEC> yv;
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        yv.v[k] = norm_out<T, O>(convert<A>(xv.v[k]) * rstd, convert<A>(wv.v[k]), p.gemma);
-      }
-      store_vec<O, VEC>(y + j * VEC, yv);
-    }
-    if (threadIdx.x == 0) static_cast<A*>(p.rstd)[row] = rstd;
+    store_vec<O, VEC>(y + j * VEC, from_acc<O>(out));
   }
 }
 
-// Per element of one row: g = dy * w_eff, xhat = x * rstd, dx = rstd * (g - xhat * mean(g * xhat)).
-// Each block also sums dy * xhat over the rows it visits into its own row of dw_partial.
-template <typename T, typename W, typename O, int VEC, int VPT>
-__global__ void __launch_bounds__(kBwdMaxThreads)
-rms_norm_bwd_kernel(const RMSNormBwdParams p) {
+// Per element of a row: g = dy * w_eff, xhat = x * rstd, and with S = sum(g * x),
+// dx = rstd * g - rstd^3 * S / cols * x. Each row group adds dy * xhat (Llama: xhat rounded to x's
+// dtype) for its columns into its accumulator row: a slice of shared memory, or with
+// dw_in_smem false (one row group per block) the block's row of dw_partial. Each thread touches
+// only its own columns there, so no synchronisation is needed until the groups are summed.
+template <typename T, typename W, typename O, int VEC>
+__global__ void __launch_bounds__(kBwdThreads, kBwdMinBlocks)
+rms_norm_bwd_kernel(const RMSNormBwdParams p, bool dw_in_smem) {
   using A = acc_t<T>;
   __shared__ A scratch[kMaxRowGroups * 32];
   extern __shared__ unsigned char dw_smem_bytes[];
+  A* dw_smem = reinterpret_cast<A*>(dw_smem_bytes);
+  A* partial = static_cast<A*>(p.dw_partial) + static_cast<int64_t>(blockIdx.x) * p.cols;
+  A* acc = dw_in_smem ? dw_smem + threadIdx.y * p.cols : partial;
   const int64_t n_vec = p.cols / VEC;
+  const int64_t stride = static_cast<int64_t>(kBwdUnroll) * blockDim.x;
   const W* w = static_cast<const W*>(p.weight);
   const A* rstd_in = static_cast<const A*>(p.rstd);
-  A* partial = static_cast<A*>(p.dw_partial) + static_cast<int64_t>(blockIdx.x) * p.cols;
-  const int64_t row_step = static_cast<int64_t>(gridDim.x) * blockDim.y;
   const A w_shift = p.gemma ? A(1) : A(0);
   const A inv_cols = A(1) / A(p.cols);
 
-  if constexpr (VPT > 0) {
-    // x and dy stay in registers; each row group sums dy * xhat for its columns into its own
-    // slice of shared memory (each thread only ever touches its own columns there).
-    A* dw_group = reinterpret_cast<A*>(dw_smem_bytes) + threadIdx.y * p.cols;
+  for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
+    A zero[VEC] = {};
+    store_vec<A, VEC>(acc + j * VEC, from_acc<A>(zero));
+  }
+  for (int64_t row0 = static_cast<int64_t>(blockIdx.x) * blockDim.y; row0 < p.rows;
+       row0 += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t row = row0 + threadIdx.y;
+    const bool valid = row < p.rows;
+    const T* x = static_cast<const T*>(p.x) + (valid ? row : 0) * p.x_row_stride;
+    const O* dy = static_cast<const O*>(p.dy) + (valid ? row : 0) * p.dy_row_stride;
+    T* dx = static_cast<T*>(p.dx) + (valid ? row : 0) * p.cols;
+    const A rstd = valid ? rstd_in[row] : A(0);
+
+    A dot = 0;
+    for (int64_t base = threadIdx.x; valid && base < n_vec; base += stride) {
+      Vec<T, VEC> xv[kBwdUnroll];
+      Vec<O, VEC> gv[kBwdUnroll];
+#pragma unroll
+      for (int u = 0; u < kBwdUnroll; ++u) {
+        const int64_t j = base + u * blockDim.x;
+        if (j < n_vec) {
+          xv[u] = load_vec<T, VEC>(x + j * VEC);
+          gv[u] = load_vec<O, VEC>(dy + j * VEC);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kBwdUnroll; ++u) {
+        const int64_t j = base + u * blockDim.x;
+        if (j < n_vec) {
+          A xf[VEC], g[VEC], wf[VEC];
+          to_acc(xv[u], xf);
+          to_acc(gv[u], g);
+          to_acc(load_vec<W, VEC>(w + j * VEC), wf);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) dot += g[k] * (wf[k] + w_shift) * xf[k];
+        }
+      }
+    }
+    const A c = rstd * rstd * rstd * row_group_sum(dot, scratch) * inv_cols;
+#pragma unroll 1
+    for (int64_t j = threadIdx.x; valid && j < n_vec; j += blockDim.x) {
+      A xf[VEC], dyf[VEC], wf[VEC], out[VEC], xhat[VEC];
+      to_acc(load_vec<T, VEC>(x + j * VEC), xf);
+      to_acc(load_vec<O, VEC>(dy + j * VEC), dyf);
+      to_acc(load_vec<W, VEC>(w + j * VEC), wf);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        out[k] = rstd * dyf[k] * (wf[k] + w_shift) - c * xf[k];
+        xhat[k] = xf[k] * rstd;
+      }
+      store_vec<T, VEC>(dx + j * VEC, from_acc<T>(out));
+      if (!p.gemma) round_through<T>(xhat);
+      Vec<A, VEC> dw = load_vec<A, VEC>(acc + j * VEC);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) dw.v[k] += dyf[k] * xhat[k];
+      store_vec<A, VEC>(acc + j * VEC, dw);
+    }
+  }
+  if (!dw_in_smem) return;
+  // The groups' slices are added in a fixed order (deterministic dW).
+  __syncthreads();
+  const int threads = blockDim.x * blockDim.y;
+  for (int64_t c = threadIdx.y * blockDim.x + threadIdx.x; c < p.cols; c += threads) {
+    A total = 0;
+    for (int g = 0; g < static_cast<int>(blockDim.y); ++g) total += dw_smem[g * p.cols + c];
+    partial[c] = total;
+  }
+}
+
+// The backward on Hopper, for aligned rows of at most kBulkThreads * kBulkMaxVpt vectors. One
+// row group per block walks rows blockIdx.x, blockIdx.x + gridDim.x, ...; thread 0 keeps the
+// next kBulkStages rows of x and dy in flight as bulk copies. Same math as rms_norm_bwd_kernel.
+template <typename T, typename W, typename O, int VPT>
+__global__ void __launch_bounds__(kBulkThreads, kBulkMinBlocks)
+rms_norm_bwd_bulk_kernel(const RMSNormBwdParams p) {
+  using A = acc_t<T>;
+  constexpr int VEC = kVec16<T>;
+  extern __shared__ __align__(128) unsigned char stage_bytes[];
+  __shared__ uint64_t full[kBulkStages];
+  __shared__ A red[32];
+  const int64_t n_vec = p.cols / VEC;
+  const uint32_t x_bytes = static_cast<uint32_t>(p.cols * sizeof(T));
+  const uint32_t dy_bytes = static_cast<uint32_t>(p.cols * sizeof(O));
+  T* x_stage = reinterpret_cast<T*>(stage_bytes);
+  O* dy_stage = reinterpret_cast<O*>(stage_bytes + kBulkStages * x_bytes);
+  const A* rstd_in = static_cast<const A*>(p.rstd);
+  const A w_shift = p.gemma ? A(1) : A(0);
+  const A inv_cols = A(1) / A(p.cols);
+  const int warps = blockDim.x / 32;
+
+  const auto fetch = [&](int s, int64_t row) {
+    mbarrier_arrive_expect(&full[s], x_bytes + dy_bytes);
+    bulk_copy_to_shared(x_stage + s * p.cols, static_cast<const T*>(p.x) + row * p.x_row_stride,
+                        x_bytes, &full[s]);
+    bulk_copy_to_shared(dy_stage + s * p.cols,
+                        static_cast<const O*>(p.dy) + row * p.dy_row_stride, dy_bytes, &full[s]);
+  };
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kBulkStages; ++s) mbarrier_init(&full[s], 1);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kBulkStages; ++s) {
+      const int64_t row = blockIdx.x + static_cast<int64_t>(s) * gridDim.x;
+      if (row < p.rows) fetch(s, row);
+    }
+  }
+
+  Vec<W, VEC> wv[VPT];
+  A dw[VPT][VEC];
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int64_t j = static_cast<int64_t>(i) * blockDim.x + threadIdx.x;
+    if (j < n_vec) wv[i] = load_vec<W, VEC>(static_cast<const W*>(p.weight) + j * VEC);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) dw[i][k] = 0;
+  }
+  int iter = 0;
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x, ++iter) {
+    const int s = iter % kBulkStages;
+    const A rstd = rstd_in[row];
+    mbarrier_wait(&full[s], (iter / kBulkStages) & 1);
+    Vec<T, VEC> xv[VPT];
+    Vec<O, VEC> gv[VPT];
+    A dot = 0;
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
       const int64_t j = static_cast<int64_t>(i) * blockDim.x + threadIdx.x;
       if (j < n_vec) {
-        Vec<A, VEC> zero;
+        xv[i] = load_vec<T, VEC>(x_stage + s * p.cols + j * VEC);
+        gv[i] = load_vec<O, VEC>(dy_stage + s * p.cols + j * VEC);
+        A xf[VEC], g[VEC], wf[VEC];
+        to_acc(xv[i], xf);
+        to_acc(gv[i], g);
+        to_acc(wv[i], wf);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) zero.v[k] = 0;
-        store_vec<A, VEC>(dw_group + j * VEC, zero);
+        for (int k = 0; k < VEC; ++k) dot += g[k] * (wf[k] + w_shift) * xf[k];
       }
     }
-    for (int64_t row0 = static_cast<int64_t>(blockIdx.x) * blockDim.y; row0 < p.rows;
-         row0 += row_step) {
-      const int64_t row = row0 + threadIdx.y;
-      const bool valid = row < p.rows;
-      const T* x = static_cast<const T*>(p.x) + (valid ? row : 0) * p.x_row_stride;
-      const O* dy = static_cast<const O*>(p.dy) + (valid ? row : 0) * p.dy_row_stride;
-      T* dx = static_cast<T*>(p.dx) + (valid ? row : 0) * p.cols;
-      const A rstd = valid ? rstd_in[row] : A(0);
-      Vec<T, VEC> xv[VPT];
-      Vec<O, VEC> gv[VPT];
-      A dot = 0;
-#pragma unroll
-      for (int i = 0; i < VPT; ++i) {
-        const int64_t j = static_cast<int64_t>(i) * blockDim.x + threadIdx.x;
-        if (valid && j < n_vec) {
-          xv[i] = load_vec<T, VEC>(x + j * VEC);
-          gv[i] = load_vec<O, VEC>(dy + j * VEC);
-          const Vec<W, VEC> wv = load_vec<W, VEC>(w + j * VEC);
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) {
-            const A g = convert<A>(gv[i].v[k]) * (convert<A>(wv.v[k]) + w_shift);
-            dot += g * convert<A>(xv[i].v[k]) * rstd;
-          }
-        }
-      }
-      const A mean_dot = row_group_sum(dot, scratch) * inv_cols;
-#pragma unroll
-      for (int i = 0; i < VPT; ++i) {
-        const int64_t j = static_cast<int64_t>(i) * blockDim.x + threadIdx.x;
-        if (valid && j < n_vec) {
-          const Vec<W, VEC> wv = load_vec<W, VEC>(w + j * VEC);
-          Vec<A, VEC> dw = load_vec<A, VEC>(dw_group + j * VEC);
-          Vec<T, VEC> dxv;
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) {
-            const A dyk = convert<A>(gv[i].v[k]);
-            const A xhat = convert<A>(xv[i].v[k]) * rstd;
-            const A g = dyk * (convert<A>(wv.v[k]) + w_shift);
-            dxv.v[k] = convert<T>(rstd * (g - xhat * mean_dot));
-            dw.v[k] += dyk * (p.gemma ? xhat : round_through<T>(xhat));
-          }
-          store_vec<T, VEC>(dx + j * VEC, dxv);
-          store_vec<A, VEC>(dw_group + j * VEC, dw);
-        }
-      }
+    dot = warp_sum(dot);
+    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = dot;
+    __syncthreads();  // every thread has read stage s: refill it with the row after next
+    if (threadIdx.x == 0) {
+      const int64_t next = row + static_cast<int64_t>(kBulkStages) * gridDim.x;
+      if (next < p.rows) fetch(s, next);
     }
-    // The groups' slices are added in a fixed order (deterministic dW).
+    A total = 0;
+    for (int w = 0; w < warps; ++w) total += red[w];
     __syncthreads();
-    const A* dw_all = reinterpret_cast<const A*>(dw_smem_bytes);
-    const int threads = blockDim.x * blockDim.y;
-    for (int64_t c = threadIdx.y * blockDim.x + threadIdx.x; c < p.cols; c += threads) {
-      A total = 0;
-      for (int g = 0; g < static_cast<int>(blockDim.y); ++g) total += dw_all[g * p.cols + c];
-      partial[c] = total;
-    }
-  } else {
-    // Streaming: one row group per block; this thread owns the same columns of `partial` in
-    // every row it visits, so the read-modify-write below needs no synchronisation.
-    for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
+    const A c = rstd * rstd * rstd * total * inv_cols;
+    T* dx = static_cast<T*>(p.dx) + row * p.cols;
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) partial[j * VEC + k] = 0;
-    }
-    for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
-      const T* x = static_cast<const T*>(p.x) + row * p.x_row_stride;
-      const O* dy = static_cast<const O*>(p.dy) + row * p.dy_row_stride;
-      T* dx = static_cast<T*>(p.dx) + row * p.cols;
-      const A rstd = rstd_in[row];
-      A dot = 0;
-      for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
-        const Vec<T, VEC> xv = load_vec<T, VEC>(x + j * VEC);
-        const Vec<O, VEC> gv = load_vec<O, VEC>(dy + j * VEC);
-        const Vec<W, VEC> wv = load_vec<W, VEC>(w + j * VEC);
+    for (int i = 0; i < VPT; ++i) {
+      const int64_t j = static_cast<int64_t>(i) * blockDim.x + threadIdx.x;
+      if (j < n_vec) {
+        A xf[VEC], dyf[VEC], wf[VEC], out[VEC], xhat[VEC];
+        to_acc(xv[i], xf);
+        to_acc(gv[i], dyf);
+        to_acc(wv[i], wf);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          const A g = convert<A>(gv.v[k]) * (convert<A>(wv.v[k]) + w_shift);
-          dot += g * convert<A>(xv.v[k]) * rstd;
+          out[k] = rstd * dyf[k] * (wf[k] + w_shift) - c * xf[k];
+          xhat[k] = xf[k] * rstd;
         }
-      }
-      const A mean_dot = row_group_sum(dot, scratch) * inv_cols;
-      for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
-        const Vec<T, VEC> xv = load_vec<T, VEC>(x + j * VEC);
-        const Vec<O, VEC> gv = load_vec<O, VEC>(dy + j * VEC);
-        const Vec<W, VEC> wv = load_vec<W, VEC>(w + j * VEC);
-        Vec<T, VEC> dxv;
+        store_vec<T, VEC>(dx + j * VEC, from_acc<T>(out));
+        if (!p.gemma) round_through<T>(xhat);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const A dyk = convert<A>(gv.v[k]);
-          const A xhat = convert<A>(xv.v[k]) * rstd;
-          const A g = dyk * (convert<A>(wv.v[k]) + w_shift);
-          dxv.v[k] = convert<T>(rstd * (g - xhat * mean_dot));
-          partial[j * VEC + k] += dyk * (p.gemma ? xhat : round_through<T>(xhat));
-        }
-        store_vec<T, VEC>(dx + j * VEC, dxv);
+        for (int k = 0; k < VEC; ++k) dw[i][k] += dyf[k] * xhat[k];
       }
     }
+  }
+  A* partial = static_cast<A*>(p.dw_partial) + static_cast<int64_t>(blockIdx.x) * p.cols;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int64_t j = static_cast<int64_t>(i) * blockDim.x + threadIdx.x;
+    if (j < n_vec) store_vec<A, VEC>(partial + j * VEC, from_acc<A>(dw[i]));
   }
 }
 
-template <typename T>
-int vector_width(const void* const* ptrs, int n_ptrs, const int64_t* strides, int n_strides,
-                 int64_t cols) {
-  constexpr int kVec = kVec16<T>;
-  if (cols % kVec != 0) return 1;
-  for (int i = 0; i < n_ptrs; ++i) {
-    if (!aligned16(ptrs[i])) return 1;
+template <typename F>
+void dispatch_bulk_vpt(int vpt, F&& f) {
+  switch (vpt) {
+    case 1: f(std::integral_constant<int, 1>{}); return;
+    case 2: f(std::integral_constant<int, 2>{}); return;
+    default: f(std::integral_constant<int, kBulkMaxVpt>{}); return;
   }
-  for (int i = 0; i < n_strides; ++i) {
-    if (strides[i] % kVec != 0) return 1;
-  }
-  return kVec;
 }
 
 template <typename T, typename W, typename O>
 void fwd_typed(const RMSNormFwdParams& p, cudaStream_t stream) {
-  const void* ptrs[] = {p.x, p.weight, p.y};
-  const int vec = vector_width<T>(ptrs, 3, &p.x_row_stride, 1, p.cols);
-  const RowPlan plan = plan_rows(p.cols, vec, kFwdBlockThreads, kFwdMaxThreads);
-  dispatch_row_plan<kVec16<T>>(plan, [&](auto vec_c, auto vpt_c) {
+  const int vec = vector_width<T>({p.x, p.weight, p.y}, {p.x_row_stride}, p.cols);
+  const RowPlan plan = plan_rows(p.cols, vec, kFwdThreads, kFwdUnroll);
+  dispatch_vec<kVec16<T>>(vec, [&](auto vec_c) {
     const dim3 block(plan.threads_x, plan.rows_per_block);
     const auto grid = static_cast<unsigned>(ceil_div(p.rows, plan.rows_per_block));
-    rms_norm_fwd_kernel<T, W, O, vec_c.value, vpt_c.value><<<grid, block, 0, stream>>>(p);
+    rms_norm_fwd_kernel<T, W, O, vec_c.value><<<grid, block, 0, stream>>>(p);
   });
 }
 
 // One launch shape for the backward, shared by the workspace query and the launch.
 struct BwdShape {
   RowPlan plan;
+  int bulk_vpt;  // > 0: the Hopper bulk-copy kernel with this many vectors per thread
   int64_t grid;
   size_t smem;
 };
 
 template <typename T, typename W, typename O>
 BwdShape bwd_shape(const RMSNormBwdParams& p) {
-  const void* ptrs[] = {p.x, p.dy, p.weight, p.dx};
-  const int64_t strides[] = {p.x_row_stride, p.dy_row_stride};
-  const int vec = vector_width<T>(ptrs, 4, strides, 2, p.cols);
-  const RowPlan plan = plan_rows(p.cols, vec, kBwdBlockThreads, kBwdMaxThreads);
-  const size_t smem = plan.vpt > 0 ? plan.rows_per_block * p.cols * sizeof(acc_t<T>) : 0;
+  using A = acc_t<T>;
+  const int vec = vector_width<T>({p.x, p.dy, p.weight, p.dx}, {p.x_row_stride, p.dy_row_stride},
+                                  p.cols);
+  const int64_t needed_rows = p.rows;
+  const int64_t n_vec = ceil_div(p.cols, vec);
+  if (vec > 1 && n_vec <= kBulkThreads * kBulkMaxVpt && device_has_bulk_copy()) {
+    const int vpt = n_vec <= kBulkThreads ? 1 : (n_vec <= 2 * kBulkThreads ? 2 : 4);
+    const int tx = static_cast<int>(ceil_div(n_vec, 32 * vpt) * 32);
+    const size_t smem = kBulkStages * p.cols * (sizeof(T) + sizeof(O));
+    int64_t resident = 0;
+    dispatch_bulk_vpt(vpt, [&](auto vpt_c) {
+      const auto kernel = rms_norm_bwd_bulk_kernel<T, W, O, vpt_c.value>;
+      allow_dynamic_smem(kernel, smem);
+      resident = resident_blocks(kernel, tx, smem);
+    });
+    return {{vec, tx, 1}, vpt, needed_rows < resident ? needed_rows : resident, smem};
+  }
+  RowPlan plan = plan_rows(p.cols, vec, kBwdThreads, kBwdUnroll);
+  size_t smem = plan.rows_per_block * p.cols * sizeof(A);
+  if (smem > kMaxDwSmem) {
+    plan.rows_per_block = 1;
+    smem = p.cols * sizeof(A) <= kMaxDwSmem ? p.cols * sizeof(A) : 0;
+  }
   int64_t resident = 0;
-  dispatch_row_plan<kVec16<T>>(plan, [&](auto vec_c, auto vpt_c) {
-    const auto kernel = rms_norm_bwd_kernel<T, W, O, vec_c.value, vpt_c.value>;
+  dispatch_vec<kVec16<T>>(vec, [&](auto vec_c) {
+    const auto kernel = rms_norm_bwd_kernel<T, W, O, vec_c.value>;
     allow_dynamic_smem(kernel, smem);
     resident = resident_blocks(kernel, plan.threads_x * plan.rows_per_block, smem);
   });
   const int64_t needed = ceil_div(p.rows, plan.rows_per_block);
-  return {plan, needed < resident ? needed : resident, smem};
+  return {plan, 0, needed < resident ? needed : resident, smem};
 }
 
 template <typename T, typename W, typename O>
 void bwd_typed(const RMSNormBwdParams& p, cudaStream_t stream) {
   const BwdShape shape = bwd_shape<T, W, O>(p);
-  dispatch_row_plan<kVec16<T>>(shape.plan, [&](auto vec_c, auto vpt_c) {
-    const auto kernel = rms_norm_bwd_kernel<T, W, O, vec_c.value, vpt_c.value>;
-    allow_dynamic_smem(kernel, shape.smem);
-    const dim3 block(shape.plan.threads_x, shape.plan.rows_per_block);
-    kernel<<<static_cast<unsigned>(shape.grid), block, shape.smem, stream>>>(p);
-  });
+  const auto grid = static_cast<unsigned>(shape.grid);
+  if (shape.bulk_vpt > 0) {
+    dispatch_bulk_vpt(shape.bulk_vpt, [&](auto vpt_c) {
+      rms_norm_bwd_bulk_kernel<T, W, O, vpt_c.value>
+          <<<grid, shape.plan.threads_x, shape.smem, stream>>>(p);
+    });
+  } else {
+    dispatch_vec<kVec16<T>>(shape.plan.vec, [&](auto vec_c) {
+      const dim3 block(shape.plan.threads_x, shape.plan.rows_per_block);
+      rms_norm_bwd_kernel<T, W, O, vec_c.value><<<grid, block, shape.smem, stream>>>(
+          p, shape.smem > 0);
+    });
+  }
   launch_column_sum(static_cast<const acc_t<T>*>(p.dw_partial), shape.grid, p.cols,
                     static_cast<W*>(p.dw), stream);
-}
-
-// Calls f(TypeTag<T>, TypeTag<W>, TypeTag<O>) for the supported (x, weight, output) dtypes.
-template <typename F>
-void dispatch_norm_types(DType x, DType w, DType o, F&& f) {
-  dispatch_float(x, [&](auto t) {
-    using T = typename decltype(t)::type;
-    dispatch_same_or_f32<T>(w, [&](auto wt) {
-      dispatch_same_or_f32<T>(o, [&](auto ot) { f(t, wt, ot); });
-    });
-  });
 }
 
 }  // namespace
