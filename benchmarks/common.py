@@ -9,11 +9,40 @@ import statistics
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Case:
+    """One op, one direction: the kernel, PyTorch eager and torch.compile of the reference, and
+    the bytes the op must move (each input read once, each output written once)."""
+    op: str
+    direction: str  # "fwd" or "bwd"
+    shape: str
+    nbytes: int
+    kernel: Callable[[], object]
+    eager: Callable[[], object]
+    compiled: Callable[[], object]
+
+
+def nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def backward_runner(fn: Callable, inputs: tuple[torch.Tensor, ...], grad: torch.Tensor):
+    """A callable that re-runs only the backward of fn(*inputs) (graph kept between calls).
+    Inputs that are not floating point are passed through without gradients."""
+    leaves = tuple(t.detach().requires_grad_(True) if t.is_floating_point() else t for t in inputs)
+    out = fn(*leaves)
+    out = out[0] if isinstance(out, tuple) else out
+    wrt = tuple(t for t in leaves if t.requires_grad)
+    return lambda: torch.autograd.grad(out, wrt, grad, retain_graph=True)
 
 
 def time_cuda_ms(fn, warmup: int = 5, reps: int = 40) -> float:
