@@ -124,4 +124,5 @@ def main():
     setup(**extension_setup(torch, cuda_home_or_reason))
 
 
-main()
+if __name__ == "__main__":
+    main()
