@@ -18,6 +18,7 @@ import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -26,11 +27,17 @@ from unsloth_ext._extension import UnslothExtWarning
 _DEFAULT_POOL_BYTES = int(float(os.environ.get("UNSLOTH_EXT_OFFLOAD_POOL_GB", "16")) * 2**30)
 
 
-class PinnedPool:
-    """Pinned host buffers handed out and taken back by size, never more than `capacity` bytes."""
+def _pinned_bytes(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
-    def __init__(self, capacity: int):
+
+class PinnedPool:
+    """Host buffers handed out and taken back by size, never more than `capacity` bytes in all.
+    `allocate(nbytes)` makes a new buffer (pinned memory by default)."""
+
+    def __init__(self, capacity: int, allocate: Callable[[int], torch.Tensor] = _pinned_bytes):
         self.capacity = capacity
+        self._allocate = allocate
         self.allocated = 0
         self._free: dict[int, list[torch.Tensor]] = {}
         self._lock = threading.Lock()
@@ -44,7 +51,7 @@ class PinnedPool:
             if self.allocated + nbytes > self.capacity:
                 return None
             self.allocated += nbytes
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        return self._allocate(nbytes)
 
     def release(self, buffer: torch.Tensor) -> None:
         with self._lock:
