@@ -1,0 +1,156 @@
+"""QLoRA training throughput and peak memory: stock transformers+PEFT+bitsandbytes against
+unsloth_ext, on the same random-initialized model saved locally, in the same invocation.
+
+    python benchmarks/bench_train.py --preset llama-3.1-8b [--seq 2048 --batch 4 --steps 5]
+
+One identical loop for both: forward with labels, backward, AdamW step. Stock uses SDPA and
+gradient checkpointing (torch.utils.checkpoint); unsloth_ext uses FastLanguageModel with its
+"unsloth" (offloaded) checkpointing. NF4 + double quantization, LoRA r=16 on the 7 projections,
+bf16 compute. Reports tokens/s, s/step and peak allocated memory; results go to
+benchmarks/results/train_<gpu>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, markdown_table, write_results  # noqa: E402
+
+PRESETS = {
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         rope_theta=500000.0, max_position_embeddings=8192),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         rope_theta=500000.0, max_position_embeddings=8192,
+                         tie_word_embeddings=True),
+    "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=4, vocab_size=1024,
+                 max_position_embeddings=2048),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def save_random_model(preset: str, path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**PRESETS[preset], rms_norm_eps=1e-5, hidden_act="silu")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path)
+    del model
+    torch.cuda.empty_cache()
+
+
+def stock_model(path: Path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
+                                                 device_map="cuda", attn_implementation="sdpa")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.config.use_cache = False
+    torch.manual_seed(3407)
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
+                                            target_modules=TARGETS, task_type="CAUSAL_LM"))
+
+
+def unsloth_ext_model(path: Path):
+    from unsloth_ext import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(str(path), max_seq_length=8192, dtype=torch.bfloat16,
+                                                 load_in_4bit=True)
+    return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0,
+                                            target_modules=TARGETS,
+                                            use_gradient_checkpointing="unsloth",
+                                            random_state=3407)
+
+
+def run(build, path: Path, seq: int, batch: int, steps: int, warmup: int) -> dict:
+    """The same loop for every mode. Peak memory is what the step itself adds at most."""
+    model = build(path)
+    vocab = model.config.vocab_size
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    batches = [torch.randint(0, vocab, (batch, seq), device="cuda", generator=gen)
+               for _ in range(warmup + steps)]
+    losses = []
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for i, ids in enumerate(batches):
+        if i == warmup:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del model, optimizer, batches
+    gc.collect()
+    torch.cuda.empty_cache()
+    return dict(s_per_step=seconds, tokens_per_s=batch * seq / seconds, peak_gib=peak,
+                losses=losses)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=PRESETS, default="llama-3.1-8b")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--modes", default="stock,unsloth_ext")
+    parser.add_argument("--model-dir", help="reuse a saved model directory")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_train needs a CUDA GPU", file=sys.stderr)
+        return 2
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        print("bench_train needs bitsandbytes for the stock baseline", file=sys.stderr)
+        return 2
+    builders = {"stock": stock_model, "unsloth_ext": unsloth_ext_model}
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        path = Path(args.model_dir) if args.model_dir else Path(tmp) / args.preset
+        if not (path / "config.json").exists():
+            save_random_model(args.preset, path)
+        results = {}
+        for mode in args.modes.split(","):
+            results[mode] = run(builders[mode], path, args.seq, args.batch, args.steps, args.warmup)
+            print(mode, {k: v for k, v in results[mode].items() if k != "losses"}, flush=True)
+    rows = []
+    stock = results.get("stock")
+    for mode, r in results.items():
+        speedup = f"{r['tokens_per_s'] / stock['tokens_per_s']:.2f}x" if stock else "-"
+        rows.append([mode, f"{r['s_per_step']:.3f}", f"{r['tokens_per_s']:,.0f}",
+                     f"{r['peak_gib']:.2f}", speedup])
+    table = markdown_table(["mode", "s/step", "tokens/s", "peak GiB", "vs stock"], rows)
+    table = (f"{args.preset}, seq {args.seq}, batch {args.batch}, {args.steps} timed steps after "
+             f"{args.warmup} warm-up, QLoRA NF4 + double quant, r=16 on 7 projections, bf16\n\n"
+             + table)
+    path = write_results(f"train_{args.preset}", {"environment": environment(), "args": vars(args),
+                                                  "results": results}, table)
+    print(f"results: {path}")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
