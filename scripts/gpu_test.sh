@@ -4,6 +4,8 @@
 #   scripts/gpu_test.sh                 everything
 #   OPS=rms_norm TESTS="-k rms_norm" scripts/gpu_test.sh
 #   SANITIZE=1 also runs compute-sanitizer memcheck and racecheck over SANITIZE_TESTS.
+#   EXTRA_BENCH="benchmarks/bench_linear_ce.py benchmarks/bench_lora.py ..." runs more benchmark
+#   scripts after the op benchmark (each prints its own table).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${LOG_DIR:-build/gpu-logs}
@@ -53,6 +55,13 @@ if [ "${BENCH:-1}" = "1" ]; then
   python benchmarks/bench_ops.py ${OPS:+--ops "$OPS"} 2>&1 | tee "$LOG_DIR/bench.log" | tail -40
 fi
 
+for script in ${EXTRA_BENCH:-}; do
+  stage "$script"
+  name=$(basename "$script" .py)
+  python $script 2>&1 | tee "$LOG_DIR/$name.log" | tail -25
+  status[$name]=$([ "${PIPESTATUS[0]}" = 0 ] && echo ok || echo FAILED)
+done
+
 stage "summary"
 for k in "${!status[@]}"; do printf '%-10s %s\n' "$k" "${status[$k]}"; done
-grep -E "^\| [a-z_]+ \| (fwd|bwd)" "$LOG_DIR/bench.log" 2>/dev/null
+grep -E "^\| [a-z0-9_]+ \| (fwd|bwd)" "$LOG_DIR/bench.log" 2>/dev/null

@@ -48,7 +48,8 @@ class FastLanguageModel:
     def from_pretrained(model_name_or_path: str, max_seq_length: int = 2048,
                         dtype: torch.dtype | None = None, load_in_4bit: bool = True,
                         device_map=None, **kwargs):
-        """Load a local (or cached) transformers checkpoint. Returns (model, tokenizer).
+        """Load a local (or cached) transformers checkpoint. Returns (model, tokenizer); the
+        tokenizer is None, with a warning, when the checkpoint has none.
 
         dtype None: bf16 where supported, else fp16 (fp32 on CPU). load_in_4bit: NF4 with double
         quantization and `dtype` compute, through bitsandbytes. The model runs patched; an
@@ -74,8 +75,13 @@ class FastLanguageModel:
         model = AutoModelForCausalLM.from_pretrained(
             model_name_or_path, dtype=dtype, device_map=device_map, attn_implementation="sdpa",
             **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-        if tokenizer.pad_token is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+        except (OSError, ValueError) as exc:  # a checkpoint saved without its tokenizer
+            warnings.warn(f"no tokenizer loaded from {model_name_or_path}: {exc}",
+                          UnslothExtWarning, stacklevel=2)
+            tokenizer = None
+        if tokenizer is not None and tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit is not None and max_seq_length > limit:

@@ -31,6 +31,11 @@ import torch
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEMO_QUESTIONS = ("What is the capital of Zundteil?", "Which language do people speak in Temfal?")
+# Options left unset on the command line take these values (the demo's are tuned for its task).
+DEFAULTS = dict(max_steps=None, epochs=1.0, lr=2e-4, rank=16, alpha=16, seq_len=2048,
+                batch_size=4)
+DEMO_DEFAULTS = dict(max_steps=300, epochs=1.0, lr=3e-3, rank=16, alpha=32, seq_len=64,
+                     batch_size=8)
 
 
 # --- outputs ----------------------------------------------------------------------------------
@@ -87,7 +92,7 @@ def merged_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     for name, module in lora_layers.items():
         parts = lora_parts(module)
         weight = parts.dense_weight().float()
-        if parts.active:
+        if parts.uses_lora:  # a merged adapter is in the weight already
             weight = weight + parts.scaling * (parts.lora_B.float() @ parts.lora_A.float())
         state[f"{name}.weight"] = weight.to(dtype).cpu()
         if parts.bias is not None:
@@ -257,13 +262,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="alpaca- or chat-style JSONL")
     parser.add_argument("--output", default="unsloth-ext-output", help="output directory")
     parser.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs)")
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--alpha", type=int, default=16)
+    parser.add_argument("--epochs", type=float, help="passes over the data (default 1)")
+    parser.add_argument("--lr", type=float, help="learning rate (default 2e-4)")
+    parser.add_argument("--rank", type=int, help="LoRA rank (default 16)")
+    parser.add_argument("--alpha", type=int, help="LoRA alpha (default 16)")
     parser.add_argument("--dropout", type=float, default=0.0)
-    parser.add_argument("--seq-len", type=int, default=2048, help="max_seq_length")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, help="max_seq_length (default 2048)")
+    parser.add_argument("--batch-size", type=int, help="examples per micro-batch (default 4)")
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--packing", action="store_true", help="pack examples into full rows")
     parser.add_argument("--overflow", choices=("truncate", "error"), default="truncate",
@@ -286,13 +291,13 @@ def run(args: argparse.Namespace) -> int:
     demo = args.model is None
     output = Path(args.output)
     check_output_dir(output)
+    for name, value in (DEMO_DEFAULTS if demo else DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if demo:
         print("demo: a small Llama (random weights), NF4 + LoRA, on a synthetic instruction task")
         args.model = str(build_demo_checkpoint(output / "demo-base"))
         args.data = str(DEMO_DIR / "dataset.jsonl")
-        args.max_steps = args.max_steps or 150
-        args.lr, args.rank, args.alpha, args.seq_len = 3e-3, 16, 32, 64
-        args.batch_size = 8
     records = read_jsonl(args.data)  # fail on bad data before loading the model
     model, tokenizer = FastLanguageModel.from_pretrained(
         args.model, max_seq_length=args.seq_len, load_in_4bit=not args.no_4bit)

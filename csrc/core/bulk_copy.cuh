@@ -68,7 +68,12 @@ __device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, 
 #endif
 }
 
-// True when the current device runs bulk copies.
-bool device_has_bulk_copy();
+// True when `kernel` was compiled for sm_90 or newer for the current device, so its bulk copies
+// are real: false on older GPUs, and for code JIT-compiled from an older arch's PTX.
+template <typename Kernel>
+bool bulk_copy_compiled(Kernel kernel) {
+  cudaFuncAttributes attr{};
+  return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90;
+}
 
 }  // namespace unsloth_ext

@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "core/dtype.h"
 
@@ -42,25 +43,73 @@ struct alignas(sizeof(T) * N > 16 ? 16 : sizeof(T) * N) Vec {
   T v[N];
 };
 
+// Vectors move as whole 16/8/4-byte words: through the struct, the compiler may split a 16-byte
+// access of 16-bit elements into 2- and 4-byte pieces.
 template <typename T, int N>
 __device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
-  return *reinterpret_cast<const Vec<T, N>*>(p);
+  Vec<T, N> v;
+  constexpr int bytes = sizeof(Vec<T, N>);
+  if constexpr (bytes % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < bytes / 16; ++i) {
+      const uint4 word = reinterpret_cast<const uint4*>(p)[i];
+      memcpy(reinterpret_cast<char*>(&v) + 16 * i, &word, 16);
+    }
+  } else if constexpr (bytes == 8) {
+    const uint2 word = *reinterpret_cast<const uint2*>(p);
+    memcpy(&v, &word, 8);
+  } else if constexpr (bytes == 4) {
+    const uint32_t word = *reinterpret_cast<const uint32_t*>(p);
+    memcpy(&v, &word, 4);
+  } else {
+    v = *reinterpret_cast<const Vec<T, N>*>(p);
+  }
+  return v;
 }
 
 template <typename T, int N>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
-  *reinterpret_cast<Vec<T, N>*>(p) = v;
+  constexpr int bytes = sizeof(Vec<T, N>);
+  if constexpr (bytes % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < bytes / 16; ++i) {
+      uint4 word;
+      memcpy(&word, reinterpret_cast<const char*>(&v) + 16 * i, 16);
+      reinterpret_cast<uint4*>(p)[i] = word;
+    }
+  } else if constexpr (bytes == 8) {
+    uint2 word;
+    memcpy(&word, &v, 8);
+    *reinterpret_cast<uint2*>(p) = word;
+  } else if constexpr (bytes == 4) {
+    uint32_t word;
+    memcpy(&word, &v, 4);
+    *reinterpret_cast<uint32_t*>(p) = word;
+  } else {
+    *reinterpret_cast<Vec<T, N>*>(p) = v;
+  }
 }
 
 // Elements per 16-byte access.
 template <typename T>
 constexpr int kVec16 = 16 / sizeof(T);
 
-// A vector of storage values to accumulator values.
+// A vector of storage values to accumulator values. bf16 widens two values per 32-bit word (its
+// bits are a float's high half), which keeps the vector two values per register.
 template <typename A, typename T, int N>
 __device__ __forceinline__ void to_acc(const Vec<T, N>& v, A (&out)[N]) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16> && std::is_same_v<A, float> && N % 2 == 0) {
 #pragma unroll
-  for (int k = 0; k < N; ++k) out[k] = convert<A>(v.v[k]);
+    for (int k = 0; k < N; k += 2) {
+      uint32_t word;
+      memcpy(&word, &v.v[k], sizeof(word));
+      out[k] = __uint_as_float(word << 16);
+      out[k + 1] = __uint_as_float(word & 0xffff0000u);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = convert<A>(v.v[k]);
+  }
 }
 
 // Accumulator values to a vector of storage values; 16-bit types convert in pairs (one packed

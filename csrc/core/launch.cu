@@ -1,4 +1,3 @@
-#include "core/bulk_copy.cuh"
 #include "core/launch.cuh"
 
 namespace unsloth_ext {
@@ -21,11 +20,6 @@ int device_attribute(cudaDeviceAttr attr, int& cached_device, int& cached_value)
 int sm_count() {
   thread_local int device = -1, value = 0;
   return device_attribute(cudaDevAttrMultiProcessorCount, device, value);
-}
-
-bool device_has_bulk_copy() {
-  thread_local int device = -1, value = 0;
-  return device_attribute(cudaDevAttrComputeCapabilityMajor, device, value) >= 9;
 }
 
 }  // namespace unsloth_ext

@@ -317,17 +317,21 @@ BwdShape bwd_shape(const RMSNormBwdParams& p) {
                                   p.cols);
   const int64_t needed_rows = p.rows;
   const int64_t n_vec = ceil_div(p.cols, vec);
-  if (vec > 1 && n_vec <= kBulkThreads * kBulkMaxVpt && device_has_bulk_copy()) {
+  if (vec > 1 && n_vec <= kBulkThreads * kBulkMaxVpt) {
     const int vpt = n_vec <= kBulkThreads ? 1 : (n_vec <= 2 * kBulkThreads ? 2 : 4);
     const int tx = static_cast<int>(ceil_div(n_vec, 32 * vpt) * 32);
     const size_t smem = kBulkStages * p.cols * (sizeof(T) + sizeof(O));
     int64_t resident = 0;
     dispatch_bulk_vpt(vpt, [&](auto vpt_c) {
       const auto kernel = rms_norm_bwd_bulk_kernel<T, W, O, vpt_c.value>;
-      allow_dynamic_smem(kernel, smem);
-      resident = resident_blocks(kernel, tx, smem);
+      if (bulk_copy_compiled(kernel)) {
+        allow_dynamic_smem(kernel, smem);
+        resident = resident_blocks(kernel, tx, smem);
+      }
     });
-    return {{vec, tx, 1}, vpt, needed_rows < resident ? needed_rows : resident, smem};
+    if (resident > 0) {
+      return {{vec, tx, 1}, vpt, needed_rows < resident ? needed_rows : resident, smem};
+    }
   }
   RowPlan plan = plan_rows(p.cols, vec, kBwdThreads, kBwdUnroll);
   size_t smem = plan.rows_per_block * p.cols * sizeof(A);

@@ -1,0 +1,635 @@
+// LayerNorm and residual-add RMSNorm, built like rms_norm.cu: one row group of threads per row,
+// several independent vector loads per thread in flight, and a second pass that re-reads the
+// row from L1 instead of holding it in registers. The two share one backward: LayerNorm's
+// formula with the mean term dropped is RMSNorm's, plus the residual's gradient.
+#include "kernels/norms.h"
+
+#include "core/bulk_copy.cuh"
+#include "core/device_math.cuh"
+#include "core/launch.cuh"
+
+namespace unsloth_ext {
+namespace {
+
+constexpr int kFwdThreads = 512;
+constexpr int kFwdMinBlocks = 4;
+constexpr int kFwdUnroll = 2;
+constexpr int kBwdThreads = 512;
+constexpr int kBwdMinBlocks = 2;
+constexpr int kBwdUnroll = 2;
+// The Hopper backward: rows of x and dy (and dres) staged in shared memory by bulk copies
+// kBulkStages deep (a stage is refilled only after its row's pass 2, so three keep two rows in
+// flight); the weight and the dW/db partials of a thread's columns (kBulkMaxVpt vectors at most)
+// in registers.
+constexpr int kBulkThreads = 256;
+constexpr int kBulkMinBlocks = 2;
+constexpr int kBulkStages = 3;
+constexpr int kBulkMaxVpt = 4;
+// Above this, the backward's per-block partials live in the global workspace (L2) instead of
+// shared memory.
+constexpr size_t kMaxPartialSmem = 96 * 1024;
+
+// Merges a vector of N values into a running (count, mean, m2): the vector's own mean and
+// squared deviations first (one reciprocal per vector, not a division per value), then Chan's
+// pairwise update. Values are converted twice rather than held (fewer registers).
+template <typename A, typename T, int N>
+__device__ __forceinline__ void welford_merge(const Vec<T, N>& v, A& count, A& mean, A& m2) {
+  A sum = 0;
+#pragma unroll
+  for (int k = 0; k < N; ++k) sum += convert<A>(v.v[k]);
+  const A chunk_mean = sum * (A(1) / A(N));
+  A chunk_m2 = 0;
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    const A d = convert<A>(v.v[k]) - chunk_mean;
+    chunk_m2 += d * d;
+  }
+  const A before = count;
+  count += A(N);
+  // N / count as N times a correctly rounded reciprocal (N is a power of two: the same value),
+  // which unlike a division has no slow path to hold registers in the loop.
+  A share;
+  if constexpr (std::is_same_v<A, float>) {
+    share = A(N) * __frcp_rn(count);
+  } else {
+    share = A(N) * __drcp_rn(count);
+  }
+  const A delta = chunk_mean - mean;
+  mean += delta * share;
+  m2 += chunk_m2 + delta * delta * before * share;
+}
+
+template <typename T, typename W, int VEC>
+__global__ void __launch_bounds__(kFwdThreads, kFwdMinBlocks)
+layer_norm_fwd_kernel(const LayerNormFwdParams p) {
+  using A = acc_t<T>;
+  __shared__ A scratch[kMaxRowGroups * 32];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool valid = row < p.rows;
+  const int64_t n_vec = p.cols / VEC;
+  const int64_t stride = static_cast<int64_t>(kFwdUnroll) * blockDim.x;
+  const T* x = static_cast<const T*>(p.x) + (valid ? row : 0) * p.x_row_stride;
+  const W* w = static_cast<const W*>(p.weight);
+  const W* b = static_cast<const W*>(p.bias);
+  T* y = static_cast<T*>(p.y) + (valid ? row : 0) * p.cols;
+
+  A count = 0, mean = 0, m2 = 0;
+  for (int64_t base = threadIdx.x; valid && base < n_vec; base += stride) {
+    Vec<T, VEC> xv[kFwdUnroll] = {};  // zeroed: a maybe-unloaded vector is otherwise spilled
+#pragma unroll
+    for (int u = 0; u < kFwdUnroll; ++u) {
+      const int64_t j = base + u * blockDim.x;
+      if (j < n_vec) xv[u] = load_vec<T, VEC>(x + j * VEC);
+    }
+#pragma unroll
+    for (int u = 0; u < kFwdUnroll; ++u) {
+      if (base + u * blockDim.x < n_vec) welford_merge(xv[u], count, mean, m2);
+    }
+  }
+  // The row's mean from the threads' sums, then every thread's m2 moved to it (Chan's formula).
+  const A row_mean = row_group_sum(count * mean, scratch) / A(p.cols);
+  const A shift = mean - row_mean;
+  const A var = row_group_sum(m2 + count * shift * shift, scratch) / A(p.cols);
+  const A rstd = rsqrt_acc(var + A(p.eps));
+  if (!valid) return;
+  if (threadIdx.x == 0) {
+    static_cast<A*>(p.mean)[row] = row_mean;
+    static_cast<A*>(p.rstd)[row] = rstd;
+  }
+  // The second pass hits L1: one vector at a time keeps registers (and so occupancy) for pass 1.
+#pragma unroll 1
+  for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
+    A xf[VEC], wf[VEC], bf[VEC] = {}, out[VEC];
+    to_acc(load_vec<T, VEC>(x + j * VEC), xf);
+    to_acc(load_vec<W, VEC>(w + j * VEC), wf);
+    if (b != nullptr) to_acc(load_vec<W, VEC>(b + j * VEC), bf);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out[k] = (xf[k] - row_mean) * rstd * wf[k] + bf[k];
+    store_vec<T, VEC>(y + j * VEC, from_acc<T>(out));
+  }
+}
+
+// x + r rounded to T, as PyTorch adds two tensors of T (in the accumulator type, one rounding).
+template <typename T, int VEC>
+__device__ __forceinline__ Vec<T, VEC> add_rounded(const Vec<T, VEC>& x, const Vec<T, VEC>& r) {
+  acc_t<T> xf[VEC], rf[VEC];
+  to_acc(x, xf);
+  to_acc(r, rf);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) xf[k] += rf[k];
+  return from_acc<T>(xf);
+}
+
+template <typename T, typename W, typename O, int VEC>
+__global__ void __launch_bounds__(kFwdThreads, kFwdMinBlocks)
+add_rms_norm_fwd_kernel(const AddRMSNormFwdParams p) {
+  using A = acc_t<T>;
+  __shared__ A scratch[kMaxRowGroups * 32];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool valid = row < p.rows;
+  const int64_t n_vec = p.cols / VEC;
+  const T* x = static_cast<const T*>(p.x) + (valid ? row : 0) * p.x_row_stride;
+  const T* r = static_cast<const T*>(p.residual) + (valid ? row : 0) * p.residual_row_stride;
+  const W* w = static_cast<const W*>(p.weight);
+  T* s_out = static_cast<T*>(p.residual_out) + (valid ? row : 0) * p.cols;
+  O* y = static_cast<O*>(p.y) + (valid ? row : 0) * p.cols;
+
+  A sumsq = 0;
+  // x and the residual: two independent loads in flight per step.
+  for (int64_t j = threadIdx.x; valid && j < n_vec; j += blockDim.x) {
+    const Vec<T, VEC> s =
+        add_rounded(load_vec<T, VEC>(x + j * VEC), load_vec<T, VEC>(r + j * VEC));
+    store_vec<T, VEC>(s_out + j * VEC, s);
+    A a[VEC];
+    to_acc(s, a);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sumsq += a[k] * a[k];
+  }
+  const A rstd = rsqrt_acc(row_group_sum(sumsq, scratch) / A(p.cols) + A(p.eps));
+  if (!valid) return;
+  if (threadIdx.x == 0) static_cast<A*>(p.rstd)[row] = rstd;
+  // The second pass re-adds x and the residual, which pass 1 left in L1.
+#pragma unroll 1
+  for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
+    A sh[VEC], wf[VEC], out[VEC];
+    to_acc(add_rounded(load_vec<T, VEC>(x + j * VEC), load_vec<T, VEC>(r + j * VEC)), sh);
+    to_acc(load_vec<W, VEC>(w + j * VEC), wf);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sh[k] *= rstd;
+    if (p.gemma) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) out[k] = sh[k] * (A(1) + wf[k]);
+    } else {
+      // Llama rounds the normalized row to x's dtype before the weight product.
+      round_through<T>(sh);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) out[k] = sh[k] * wf[k];
+    }
+    store_vec<O, VEC>(y + j * VEC, from_acc<O>(out));
+  }
+}
+
+// The backward (formulas in norms.h). Per row: pass 1 sums g * (x - mean) (and g for
+// LayerNorm) over the row group; pass 2 writes dx and adds dy * xhat (and dy) for the thread's
+// columns into its group's accumulator rows: slices of shared memory, or with partial_in_smem
+// false (one row group per block) the block's rows of the workspace. Each thread touches only
+// its own columns there, so no synchronisation is needed until the groups are summed.
+template <NormKind K, typename T, typename W, typename O, int VEC>
+__global__ void __launch_bounds__(kBwdThreads, kBwdMinBlocks)
+norm_bwd_kernel(const NormBwdParams p, bool partial_in_smem) {
+  constexpr bool kLayer = K == NormKind::kLayerNorm;
+  using A = acc_t<T>;
+  __shared__ A scratch[kMaxRowGroups * 32];
+  extern __shared__ unsigned char partial_smem_bytes[];
+  A* smem = reinterpret_cast<A*>(partial_smem_bytes);
+  const bool has_db = kLayer && p.db != nullptr;
+  const int64_t slice = (has_db ? 2 : 1) * p.cols;  // a group's [dw | db] accumulators
+  A* dw_partial = static_cast<A*>(p.partial) + static_cast<int64_t>(blockIdx.x) * p.cols;
+  A* db_partial = dw_partial + static_cast<int64_t>(gridDim.x) * p.cols;
+  A* dw_acc = partial_in_smem ? smem + threadIdx.y * slice : dw_partial;
+  A* db_acc = partial_in_smem ? dw_acc + p.cols : db_partial;
+  const int64_t n_vec = p.cols / VEC;
+  const int64_t stride = static_cast<int64_t>(kBwdUnroll) * blockDim.x;
+  const W* w = static_cast<const W*>(p.weight);
+  const A* mean_in = static_cast<const A*>(p.mean);
+  const A* rstd_in = static_cast<const A*>(p.rstd);
+  const A w_shift = !kLayer && p.gemma ? A(1) : A(0);
+  const bool round_xhat = !kLayer && !p.gemma;
+  const A inv_cols = A(1) / A(p.cols);
+
+  for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
+    A zero[VEC] = {};
+    store_vec<A, VEC>(dw_acc + j * VEC, from_acc<A>(zero));
+    if (has_db) store_vec<A, VEC>(db_acc + j * VEC, from_acc<A>(zero));
+  }
+  for (int64_t row0 = static_cast<int64_t>(blockIdx.x) * blockDim.y; row0 < p.rows;
+       row0 += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t row = row0 + threadIdx.y;
+    const bool valid = row < p.rows;
+    const T* x = static_cast<const T*>(p.x) + (valid ? row : 0) * p.x_row_stride;
+    const O* dy = static_cast<const O*>(p.dy) + (valid ? row : 0) * p.dy_row_stride;
+    T* dx = static_cast<T*>(p.dx) + (valid ? row : 0) * p.cols;
+    const A rstd = valid ? rstd_in[row] : A(0);
+    const A mean = kLayer && valid ? mean_in[row] : A(0);
+
+    A dot = 0, gsum = 0;
+    for (int64_t base = threadIdx.x; valid && base < n_vec; base += stride) {
+      Vec<T, VEC> xv[kBwdUnroll] = {};  // zeroed: a maybe-unloaded vector is otherwise spilled
+      Vec<O, VEC> gv[kBwdUnroll] = {};
+#pragma unroll
+      for (int u = 0; u < kBwdUnroll; ++u) {
+        const int64_t j = base + u * blockDim.x;
+        if (j < n_vec) {
+          xv[u] = load_vec<T, VEC>(x + j * VEC);
+          gv[u] = load_vec<O, VEC>(dy + j * VEC);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kBwdUnroll; ++u) {
+        const int64_t j = base + u * blockDim.x;
+        if (j < n_vec) {
+          A xf[VEC], g[VEC], wf[VEC];
+          to_acc(xv[u], xf);
+          to_acc(gv[u], g);
+          to_acc(load_vec<W, VEC>(w + j * VEC), wf);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            g[k] *= wf[k] + w_shift;
+            dot += g[k] * (xf[k] - mean);
+            if (kLayer) gsum += g[k];
+          }
+        }
+      }
+    }
+    const A c_x = rstd * rstd * rstd * row_group_sum(dot, scratch) * inv_cols;
+    const A c_g = kLayer ? rstd * row_group_sum(gsum, scratch) * inv_cols : A(0);
+#pragma unroll 1
+    for (int64_t j = threadIdx.x; valid && j < n_vec; j += blockDim.x) {
+      A xf[VEC], dyf[VEC], wf[VEC], out[VEC], xhat[VEC];
+      to_acc(load_vec<T, VEC>(x + j * VEC), xf);
+      to_acc(load_vec<O, VEC>(dy + j * VEC), dyf);
+      to_acc(load_vec<W, VEC>(w + j * VEC), wf);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        out[k] = rstd * dyf[k] * (wf[k] + w_shift) - c_g - c_x * (xf[k] - mean);
+        xhat[k] = (xf[k] - mean) * rstd;
+      }
+      if (!kLayer && p.dres != nullptr) {
+        const T* dres = static_cast<const T*>(p.dres) + row * p.dres_row_stride;
+        A rf[VEC];
+        to_acc(load_vec<T, VEC>(dres + j * VEC), rf);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) out[k] += rf[k];
+      }
+      store_vec<T, VEC>(dx + j * VEC, from_acc<T>(out));
+      if (round_xhat) round_through<T>(xhat);
+      Vec<A, VEC> dw = load_vec<A, VEC>(dw_acc + j * VEC);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) dw.v[k] += dyf[k] * xhat[k];
+      store_vec<A, VEC>(dw_acc + j * VEC, dw);
+      if (has_db) {
+        Vec<A, VEC> db = load_vec<A, VEC>(db_acc + j * VEC);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) db.v[k] += dyf[k];
+        store_vec<A, VEC>(db_acc + j * VEC, db);
+      }
+    }
+  }
+  if (!partial_in_smem) return;
+  // The groups' slices are added in a fixed order (deterministic dW and db).
+  __syncthreads();
+  const int threads = blockDim.x * blockDim.y;
+  for (int64_t c = threadIdx.y * blockDim.x + threadIdx.x; c < slice; c += threads) {
+    A total = 0;
+    for (int g = 0; g < static_cast<int>(blockDim.y); ++g) total += smem[g * slice + c];
+    *(c < p.cols ? dw_partial + c : db_partial + (c - p.cols)) = total;
+  }
+}
+
+// The backward on Hopper, for aligned rows of at most kBulkThreads * kBulkMaxVpt vectors. One
+// row group per block walks rows blockIdx.x, blockIdx.x + gridDim.x, ...; thread 0 keeps the
+// next kBulkStages rows of x, dy (and dres) in flight as bulk copies. Same math as
+// norm_bwd_kernel. Pass 2 re-reads the staged row rather than holding it in registers (beside
+// the dW and db partials that would spill), so a stage is refilled only after pass 2.
+template <NormKind K, typename T, typename W, typename O, int VPT>
+__global__ void __launch_bounds__(kBulkThreads, kBulkMinBlocks)
+norm_bwd_bulk_kernel(const NormBwdParams p) {
+  constexpr bool kLayer = K == NormKind::kLayerNorm;
+  using A = acc_t<T>;
+  constexpr int VEC = kVec16<T>;
+  extern __shared__ __align__(128) unsigned char stage_bytes[];
+  __shared__ uint64_t full[kBulkStages];
+  __shared__ A red[2][32];
+  const int64_t n_vec = p.cols / VEC;
+  const bool has_dres = !kLayer && p.dres != nullptr;
+  const bool has_db = kLayer && p.db != nullptr;
+  const uint32_t x_bytes = static_cast<uint32_t>(p.cols * sizeof(T));
+  const uint32_t dy_bytes = static_cast<uint32_t>(p.cols * sizeof(O));
+  const uint32_t dres_bytes = has_dres ? x_bytes : 0;
+  T* x_stage = reinterpret_cast<T*>(stage_bytes);
+  O* dy_stage = reinterpret_cast<O*>(stage_bytes + kBulkStages * x_bytes);
+  T* dres_stage = reinterpret_cast<T*>(stage_bytes + kBulkStages * (x_bytes + dy_bytes));
+  const A* mean_in = static_cast<const A*>(p.mean);
+  const A* rstd_in = static_cast<const A*>(p.rstd);
+  const A w_shift = !kLayer && p.gemma ? A(1) : A(0);
+  const bool round_xhat = !kLayer && !p.gemma;
+  const A inv_cols = A(1) / A(p.cols);
+  const int warps = blockDim.x / 32;
+
+  const auto fetch = [&](int s, int64_t row) {
+    mbarrier_arrive_expect(&full[s], x_bytes + dy_bytes + dres_bytes);
+    bulk_copy_to_shared(x_stage + s * p.cols, static_cast<const T*>(p.x) + row * p.x_row_stride,
+                        x_bytes, &full[s]);
+    bulk_copy_to_shared(dy_stage + s * p.cols,
+                        static_cast<const O*>(p.dy) + row * p.dy_row_stride, dy_bytes, &full[s]);
+    if (has_dres) {
+      bulk_copy_to_shared(dres_stage + s * p.cols,
+                          static_cast<const T*>(p.dres) + row * p.dres_row_stride, dres_bytes,
+                          &full[s]);
+    }
+  };
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kBulkStages; ++s) mbarrier_init(&full[s], 1);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kBulkStages; ++s) {
+      const int64_t row = blockIdx.x + static_cast<int64_t>(s) * gridDim.x;
+      if (row < p.rows) fetch(s, row);
+    }
+  }
+
+  Vec<W, VEC> wv[VPT];
+  A dw[VPT][VEC], db[kLayer ? VPT : 1][VEC];
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int64_t j = static_cast<int64_t>(i) * blockDim.x + threadIdx.x;
+    if (j < n_vec) wv[i] = load_vec<W, VEC>(static_cast<const W*>(p.weight) + j * VEC);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      dw[i][k] = 0;
+      if constexpr (kLayer) db[i][k] = 0;
+    }
+  }
+  int iter = 0;
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x, ++iter) {
+    const int s = iter % kBulkStages;
+    const T* xs = x_stage + s * p.cols;
+    const O* dys = dy_stage + s * p.cols;
+    const T* dres = dres_stage + s * p.cols;
+    const A rstd = rstd_in[row];
+    const A mean = kLayer ? mean_in[row] : A(0);
+    mbarrier_wait(&full[s], (iter / kBulkStages) & 1);
+    A dot = 0, gsum = 0;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      const int64_t j = static_cast<int64_t>(i) * blockDim.x + threadIdx.x;
+      if (j < n_vec) {
+        A xf[VEC], g[VEC], wf[VEC];
+        to_acc(load_vec<T, VEC>(xs + j * VEC), xf);
+        to_acc(load_vec<O, VEC>(dys + j * VEC), g);
+        to_acc(wv[i], wf);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          g[k] *= wf[k] + w_shift;
+          dot += g[k] * (xf[k] - mean);
+          if (kLayer) gsum += g[k];
+        }
+      }
+    }
+    dot = warp_sum(dot);
+    if (kLayer) gsum = warp_sum(gsum);
+    if (threadIdx.x % 32 == 0) {
+      red[0][threadIdx.x / 32] = dot;
+      red[1][threadIdx.x / 32] = gsum;
+    }
+    __syncthreads();
+    A dot_total = 0, gsum_total = 0;
+    for (int w = 0; w < warps; ++w) {
+      dot_total += red[0][w];
+      gsum_total += red[1][w];
+    }
+    const A c_x = rstd * rstd * rstd * dot_total * inv_cols;
+    const A c_g = kLayer ? rstd * gsum_total * inv_cols : A(0);
+    T* dx = static_cast<T*>(p.dx) + row * p.cols;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      const int64_t j = static_cast<int64_t>(i) * blockDim.x + threadIdx.x;
+      if (j < n_vec) {
+        A xf[VEC], dyf[VEC], wf[VEC], out[VEC], xhat[VEC];
+        to_acc(load_vec<T, VEC>(xs + j * VEC), xf);
+        to_acc(load_vec<O, VEC>(dys + j * VEC), dyf);
+        to_acc(wv[i], wf);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          out[k] = rstd * dyf[k] * (wf[k] + w_shift) - c_g - c_x * (xf[k] - mean);
+          xhat[k] = (xf[k] - mean) * rstd;
+        }
+        if (has_dres) {
+          A rf[VEC];
+          to_acc(load_vec<T, VEC>(dres + j * VEC), rf);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) out[k] += rf[k];
+        }
+        store_vec<T, VEC>(dx + j * VEC, from_acc<T>(out));
+        if (round_xhat) round_through<T>(xhat);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          dw[i][k] += dyf[k] * xhat[k];
+          if constexpr (kLayer) db[i][k] += dyf[k];
+        }
+      }
+    }
+    __syncthreads();  // every thread is done with stage s and red: refill s, row after next
+    if (threadIdx.x == 0) {
+      const int64_t next = row + static_cast<int64_t>(kBulkStages) * gridDim.x;
+      if (next < p.rows) fetch(s, next);
+    }
+  }
+  A* dw_partial = static_cast<A*>(p.partial) + static_cast<int64_t>(blockIdx.x) * p.cols;
+  A* db_partial = dw_partial + static_cast<int64_t>(gridDim.x) * p.cols;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int64_t j = static_cast<int64_t>(i) * blockDim.x + threadIdx.x;
+    if (j < n_vec) {
+      store_vec<A, VEC>(dw_partial + j * VEC, from_acc<A>(dw[i]));
+      if constexpr (kLayer) {
+        if (has_db) store_vec<A, VEC>(db_partial + j * VEC, from_acc<A>(db[i]));
+      }
+    }
+  }
+}
+
+// dW and db from the workspace's per-block partial rows in one launch (blockIdx.y picks the
+// slab; a second launch costs about as much as the sums): core's column_sum_kernel for two
+// outputs, out[c] = sum over the rows of column c in a fixed order (deterministic).
+template <typename A, typename W>
+__global__ void column_sums_kernel(const A* __restrict__ partial, int64_t rows, int64_t cols,
+                                   W* __restrict__ dw, W* __restrict__ db) {
+  __shared__ A part[8][33];
+  const A* slab = partial + blockIdx.y * rows * cols;
+  W* out = blockIdx.y == 0 ? dw : db;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  A acc = 0;
+  if (c < cols) {
+    for (int64_t r = threadIdx.y; r < rows; r += 8) acc += slab[r * cols + c];
+  }
+  part[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    A total = 0;
+#pragma unroll
+    for (int r = 0; r < 8; ++r) total += part[r][threadIdx.x];
+    out[c] = convert<W>(total);
+  }
+}
+
+template <typename F>
+void dispatch_bulk_vpt(int vpt, F&& f) {
+  switch (vpt) {
+    case 1: f(std::integral_constant<int, 1>{}); return;
+    case 2: f(std::integral_constant<int, 2>{}); return;
+    default: f(std::integral_constant<int, kBulkMaxVpt>{}); return;
+  }
+}
+
+// Calls f(TypeTag<T>, TypeTag<W>, TypeTag<O>) for the (activation, parameter, output) dtypes the
+// hosts produce: W is T or fp32 beside 16-bit T; O is T, or fp32 beside a fp32 W (Llama's
+// promotion). kLayerNorm's output always has x's dtype.
+template <NormKind K, typename F>
+void dispatch_types(DType x, DType w, DType o, F&& f) {
+  dispatch_float(x, [&](auto t) {
+    using T = typename decltype(t)::type;
+    dispatch_same_or_f32<T>(w, [&](auto wt) {
+      using W = typename decltype(wt)::type;
+      if constexpr (K == NormKind::kLayerNorm || std::is_same_v<W, T>) {
+        if (o != x) throw std::invalid_argument("the output must have x's dtype here");
+        f(t, wt, t);
+      } else {
+        dispatch_same_or_f32<T>(o, [&](auto ot) { f(t, wt, ot); });
+      }
+    });
+  });
+}
+
+template <typename T, typename W>
+void layer_norm_fwd_typed(const LayerNormFwdParams& p, cudaStream_t stream) {
+  const int vec = vector_width<T>({p.x, p.weight, p.bias, p.y}, {p.x_row_stride}, p.cols);
+  const RowPlan plan = plan_rows(p.cols, vec, kFwdThreads, kFwdUnroll);
+  dispatch_vec<kVec16<T>>(vec, [&](auto vec_c) {
+    const dim3 block(plan.threads_x, plan.rows_per_block);
+    const auto grid = static_cast<unsigned>(ceil_div(p.rows, plan.rows_per_block));
+    layer_norm_fwd_kernel<T, W, vec_c.value><<<grid, block, 0, stream>>>(p);
+  });
+}
+
+template <typename T, typename W, typename O>
+void add_rms_norm_fwd_typed(const AddRMSNormFwdParams& p, cudaStream_t stream) {
+  const int vec = vector_width<T>({p.x, p.residual, p.weight, p.y, p.residual_out},
+                                  {p.x_row_stride, p.residual_row_stride}, p.cols);
+  // One vector per thread per step: x and the residual are two loads in flight already.
+  const RowPlan plan = plan_rows(p.cols, vec, kFwdThreads, 1);
+  dispatch_vec<kVec16<T>>(vec, [&](auto vec_c) {
+    const dim3 block(plan.threads_x, plan.rows_per_block);
+    const auto grid = static_cast<unsigned>(ceil_div(p.rows, plan.rows_per_block));
+    add_rms_norm_fwd_kernel<T, W, O, vec_c.value><<<grid, block, 0, stream>>>(p);
+  });
+}
+
+// One launch shape for the backward, shared by the workspace query and the launch.
+struct BwdShape {
+  RowPlan plan;
+  int bulk_vpt;  // > 0: the Hopper bulk-copy kernel with this many vectors per thread
+  int64_t grid;
+  size_t smem;
+};
+
+template <NormKind K, typename T, typename W, typename O>
+BwdShape bwd_shape(const NormBwdParams& p) {
+  using A = acc_t<T>;
+  const int vec = vector_width<T>({p.x, p.dy, p.dres, p.weight, p.dx},
+                                  {p.x_row_stride, p.dy_row_stride, p.dres_row_stride}, p.cols);
+  const int64_t n_vec = ceil_div(p.cols, vec);
+  if (vec > 1 && n_vec <= kBulkThreads * kBulkMaxVpt) {
+    const int vpt = n_vec <= kBulkThreads ? 1 : (n_vec <= 2 * kBulkThreads ? 2 : 4);
+    const int tx = static_cast<int>(ceil_div(n_vec, 32 * vpt) * 32);
+    const size_t dres_size = p.dres != nullptr ? sizeof(T) : 0;
+    const size_t smem = kBulkStages * p.cols * (sizeof(T) + sizeof(O) + dres_size);
+    int64_t resident = 0;
+    dispatch_bulk_vpt(vpt, [&](auto vpt_c) {
+      const auto kernel = norm_bwd_bulk_kernel<K, T, W, O, vpt_c.value>;
+      if (bulk_copy_compiled(kernel)) {
+        allow_dynamic_smem(kernel, smem);
+        resident = resident_blocks(kernel, tx, smem);
+      }
+    });
+    if (resident > 0) {
+      return {{vec, tx, 1}, vpt, p.rows < resident ? p.rows : resident, smem};
+    }
+  }
+  const size_t slice = (p.db != nullptr ? 2 : 1) * p.cols * sizeof(A);
+  RowPlan plan = plan_rows(p.cols, vec, kBwdThreads, kBwdUnroll);
+  size_t smem = plan.rows_per_block * slice;
+  if (smem > kMaxPartialSmem) {
+    plan.rows_per_block = 1;
+    smem = slice <= kMaxPartialSmem ? slice : 0;
+  }
+  int64_t resident = 0;
+  dispatch_vec<kVec16<T>>(vec, [&](auto vec_c) {
+    const auto kernel = norm_bwd_kernel<K, T, W, O, vec_c.value>;
+    allow_dynamic_smem(kernel, smem);
+    resident = resident_blocks(kernel, plan.threads_x * plan.rows_per_block, smem);
+  });
+  const int64_t needed = ceil_div(p.rows, plan.rows_per_block);
+  return {plan, 0, needed < resident ? needed : resident, smem};
+}
+
+template <NormKind K, typename T, typename W, typename O>
+void bwd_typed(const NormBwdParams& p, cudaStream_t stream) {
+  const BwdShape shape = bwd_shape<K, T, W, O>(p);
+  const auto grid = static_cast<unsigned>(shape.grid);
+  if (shape.bulk_vpt > 0) {
+    dispatch_bulk_vpt(shape.bulk_vpt, [&](auto vpt_c) {
+      norm_bwd_bulk_kernel<K, T, W, O, vpt_c.value>
+          <<<grid, shape.plan.threads_x, shape.smem, stream>>>(p);
+    });
+  } else {
+    dispatch_vec<kVec16<T>>(shape.plan.vec, [&](auto vec_c) {
+      const dim3 block(shape.plan.threads_x, shape.plan.rows_per_block);
+      norm_bwd_kernel<K, T, W, O, vec_c.value><<<grid, block, shape.smem, stream>>>(
+          p, shape.smem > 0);
+    });
+  }
+  const int slabs = p.db != nullptr ? 2 : 1;
+  column_sums_kernel<<<dim3(static_cast<unsigned>(ceil_div(p.cols, 32)), slabs), dim3(32, 8), 0,
+                       stream>>>(static_cast<const acc_t<T>*>(p.partial), shape.grid, p.cols,
+                                 static_cast<W*>(p.dw), static_cast<W*>(p.db));
+}
+
+template <typename F>
+void dispatch_kind(NormKind kind, F&& f) {
+  if (kind == NormKind::kLayerNorm) {
+    f(std::integral_constant<NormKind, NormKind::kLayerNorm>{});
+  } else {
+    f(std::integral_constant<NormKind, NormKind::kAddRMSNorm>{});
+  }
+}
+
+}  // namespace
+
+void layer_norm_fwd_launch(const LayerNormFwdParams& p, cudaStream_t stream) {
+  dispatch_types<NormKind::kLayerNorm>(p.x_dtype, p.w_dtype, p.x_dtype, [&](auto t, auto w, auto) {
+    layer_norm_fwd_typed<typename decltype(t)::type, typename decltype(w)::type>(p, stream);
+  });
+}
+
+void add_rms_norm_fwd_launch(const AddRMSNormFwdParams& p, cudaStream_t stream) {
+  dispatch_types<NormKind::kAddRMSNorm>(p.x_dtype, p.w_dtype, p.y_dtype,
+                                        [&](auto t, auto w, auto o) {
+    add_rms_norm_fwd_typed<typename decltype(t)::type, typename decltype(w)::type,
+                           typename decltype(o)::type>(p, stream);
+  });
+}
+
+int64_t norm_bwd_partial_rows(NormKind kind, const NormBwdParams& p) {
+  int64_t rows = 0;
+  dispatch_kind(kind, [&](auto kind_c) {
+    dispatch_types<kind_c.value>(p.x_dtype, p.w_dtype, p.dy_dtype, [&](auto t, auto w, auto o) {
+      rows = bwd_shape<kind_c.value, typename decltype(t)::type, typename decltype(w)::type,
+                       typename decltype(o)::type>(p)
+                 .grid;
+    });
+  });
+  return p.db != nullptr ? 2 * rows : rows;
+}
+
+void norm_bwd_launch(NormKind kind, const NormBwdParams& p, cudaStream_t stream) {
+  dispatch_kind(kind, [&](auto kind_c) {
+    dispatch_types<kind_c.value>(p.x_dtype, p.w_dtype, p.dy_dtype, [&](auto t, auto w, auto o) {
+      bwd_typed<kind_c.value, typename decltype(t)::type, typename decltype(w)::type,
+                typename decltype(o)::type>(p, stream);
+    });
+  });
+}
+
+}  // namespace unsloth_ext

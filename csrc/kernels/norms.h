@@ -1,0 +1,88 @@
+// LayerNorm and residual-add RMSNorm launch interface: plain pointers and sizes, no torch types.
+// Each has a forward kernel of its own; both share one backward (RMSNorm alone is in rms_norm.h).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "core/dtype.h"
+
+namespace unsloth_ext {
+
+// y = (x - mean) * rstd * w + b over rows of `cols` elements, mean and biased variance by
+// Welford's method in the accumulator dtype; y in x's dtype.
+struct LayerNormFwdParams {
+  const void* x;
+  const void* weight;
+  const void* bias;  // nullptr: no bias; else weight's dtype
+  void* y;           // [rows, cols], contiguous
+  void* mean;        // [rows], accumulator dtype (fp32, or fp64 for fp64 x)
+  void* rstd;        // [rows], accumulator dtype
+  int64_t rows;
+  int64_t cols;
+  int64_t x_row_stride;
+  double eps;
+  DType x_dtype;
+  DType w_dtype;
+};
+
+// residual_out = x + residual rounded to x's dtype, then y = RMSNorm(residual_out) in the Llama
+// form w * round(norm) or the Gemma form norm * (1 + w), as RMSNormFwdParams describes.
+struct AddRMSNormFwdParams {
+  const void* x;
+  const void* residual;  // x's dtype
+  const void* weight;
+  void* y;             // [rows, cols], contiguous
+  void* residual_out;  // [rows, cols], contiguous, x's dtype
+  void* rstd;          // [rows], accumulator dtype
+  int64_t rows;
+  int64_t cols;
+  int64_t x_row_stride;
+  int64_t residual_row_stride;
+  double eps;
+  bool gemma;
+  DType x_dtype;
+  DType w_dtype;
+  DType y_dtype;
+};
+
+enum class NormKind { kLayerNorm, kAddRMSNorm };
+
+// The backward of both, per row of x (the residual sum for kAddRMSNorm), with
+// xhat = (x - mean) * rstd (mean 0 for kAddRMSNorm) and g = dy * w (dy * (1 + w) for Gemma):
+//   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   kLayerNorm
+//   dx = rstd * (g - xhat * mean(g * xhat)) + dres      kAddRMSNorm
+//   dw = sum over rows of dy * xhat (Llama: xhat rounded to x's dtype), db = sum of dy.
+struct NormBwdParams {
+  const void* dy;
+  const void* x;
+  const void* weight;
+  const void* mean;  // kLayerNorm: [rows], accumulator dtype
+  const void* rstd;  // [rows], accumulator dtype
+  const void* dres;  // kAddRMSNorm: gradient reaching the residual sum, x's dtype; may be nullptr
+  void* dx;          // [rows, cols], contiguous, x's dtype
+  void* dw;          // [cols], weight's dtype
+  void* db;          // kLayerNorm with a bias: [cols], weight's dtype; else nullptr
+  void* partial;     // [norm_bwd_partial_rows(), cols], accumulator dtype
+  int64_t rows;
+  int64_t cols;
+  int64_t dy_row_stride;
+  int64_t x_row_stride;
+  int64_t dres_row_stride;
+  bool gemma;
+  DType x_dtype;
+  DType w_dtype;
+  DType dy_dtype;
+};
+
+void layer_norm_fwd_launch(const LayerNormFwdParams& p, cudaStream_t stream);
+
+void add_rms_norm_fwd_launch(const AddRMSNormFwdParams& p, cudaStream_t stream);
+
+// Rows of the workspace that holds per-block partial sums of dW (and of db after them).
+int64_t norm_bwd_partial_rows(NormKind kind, const NormBwdParams& p);
+
+void norm_bwd_launch(NormKind kind, const NormBwdParams& p, cudaStream_t stream);
+
+}  // namespace unsloth_ext

@@ -1,0 +1,114 @@
+"""Residual add fused with RMSNorm, where a sublayer's output joins the residual stream right
+before the next norm: `residual_out = x + residual` (x's dtype, rounded as PyTorch rounds the
+sum), then `y = rms_norm(residual_out, weight, eps, gemma)` exactly as unsloth_ext.ops.rms_norm
+defines it. One pass over the rows instead of an add and a norm."""
+
+from __future__ import annotations
+
+import torch
+
+from unsloth_ext._extension import use_kernel
+from unsloth_ext.ops._library import (acc_dtype, check_float, check_nonempty, check_param_dtype,
+                                      check_same_device, op, register_op)
+from unsloth_ext.ops.rms_norm import rms_norm_bwd_reference, rms_norm_fwd_reference
+
+
+def add_rms_norm_fwd_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                               eps: float, gemma: bool
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (y, residual_out, rstd); rstd per row of residual_out, in the accumulator dtype."""
+    residual_out = x + residual
+    y, rstd = rms_norm_fwd_reference(residual_out, weight, eps, gemma)
+    return y, residual_out, rstd
+
+
+def add_rms_norm_bwd_reference(grad_y: torch.Tensor, grad_residual_out: torch.Tensor | None,
+                               residual_out: torch.Tensor, weight: torch.Tensor,
+                               rstd: torch.Tensor, gemma: bool
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (grad_x, grad_weight); grad_x is also the residual's gradient. grad_residual_out
+    is the gradient reaching residual_out from its later uses (None: unused)."""
+    grad_x, grad_w = rms_norm_bwd_reference(grad_y, residual_out, weight, rstd, gemma)
+    if grad_residual_out is not None:
+        grad_x = grad_x + grad_residual_out
+    return grad_x, grad_w
+
+
+def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float = 1e-6, gemma: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """add_rms_norm in PyTorch: the CPU path and the test oracle (same arguments)."""
+    y, residual_out, _ = add_rms_norm_fwd_reference(x, residual, weight, eps, gemma)
+    return y, residual_out
+
+
+def _check_args(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                eps: float) -> None:
+    check_float(x, "x")
+    check_float(residual, "residual")
+    check_float(weight, "weight")
+    check_nonempty(x, "x")
+    check_same_device(residual, x, "residual", "x")
+    check_same_device(weight, x, "weight", "x")
+    if residual.shape != x.shape:
+        raise ValueError(f"residual has shape {tuple(residual.shape)}, expected the shape of x "
+                         f"{tuple(x.shape)}")
+    if residual.dtype != x.dtype:
+        raise TypeError(f"residual has dtype {residual.dtype}, expected x's dtype {x.dtype}")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({x.shape[-1]},) "
+                         "(the hidden size of x)")
+    check_param_dtype(weight, x, "weight")
+    if eps < 0:
+        raise ValueError(f"eps is {eps}; expected a non-negative number")
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float = 1e-6, gemma: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`residual_out = x + residual; y = rms_norm(residual_out, weight, eps, gemma)`; returns
+    (y, residual_out).
+
+    x, residual: `[..., H]`, one dtype of bf16/fp16/fp32/fp64, rows at any stride (contiguous
+    elements are fastest); weight: `[H]`, x's dtype or fp32 beside 16-bit x. residual_out:
+    contiguous, x's dtype. y: contiguous; dtype as rms_norm's (Llama: promotion of x and
+    weight; Gemma: x's dtype).
+    """
+    _check_args(x, residual, weight, eps)
+    if use_kernel("add_rms_norm", x):
+        y, residual_out, _ = op("add_rms_norm_fwd")(x, residual, weight, eps, gemma)
+        return y, residual_out
+    return add_rms_norm_reference(x, residual, weight, eps, gemma)
+
+
+def _fake_fwd(x, residual, weight, eps, gemma):
+    y_dtype = x.dtype if gemma else torch.promote_types(x.dtype, weight.dtype)
+    return (x.new_empty(x.shape, dtype=y_dtype), x.new_empty(x.shape),
+            x.new_empty(x.shape[:-1], dtype=acc_dtype(x.dtype)))
+
+
+def _fake_bwd(grad_y, grad_residual_out, residual_out, weight, rstd, gemma):
+    return (torch.empty_like(residual_out, memory_format=torch.contiguous_format),
+            weight.new_empty(weight.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    _x, _residual, weight, _eps, gemma = inputs
+    ctx.save_for_backward(output[1], weight, output[2])
+    ctx.gemma = gemma
+    # An output nobody used brings None instead of a tensor of zeros to read.
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_y, grad_residual_out, _grad_rstd):
+    residual_out, weight, rstd = ctx.saved_tensors
+    if grad_y is None:
+        return grad_residual_out, grad_residual_out, None, None, None
+    grad_x, grad_w = op("add_rms_norm_bwd")(grad_y, grad_residual_out, residual_out, weight,
+                                            rstd, ctx.gemma)
+    # The sum's gradient reaches x and the residual alike.
+    return grad_x, grad_x, grad_w, None, None
+
+
+register_op("add_rms_norm_fwd", reference=add_rms_norm_fwd_reference, fake=_fake_fwd,
+            backward=_backward, setup_context=_setup_context)
+register_op("add_rms_norm_bwd", reference=add_rms_norm_bwd_reference, fake=_fake_bwd)

@@ -1,0 +1,165 @@
+"""Patches for the Llama family (Llama, Mistral: same layer layout in transformers 5.x).
+
+Per decoder layer: RMSNorm kernels, the residual add fused into the post-attention RMSNorm, q/k/v
+through the fused LoRA QKV, RoPE in place on q and k (on transformers' own cos/sin, so every
+rope scaling is covered exactly), attention through PyTorch SDPA, o through the LoRA projection,
+the MLP through the fused LoRA MLP. The causal-LM head computes the loss with fused linear +
+cross-entropy and never materializes the training logits. Each patched forward falls back to
+the stock one, with one warning, for anything it does not compute (e.g. DoRA adapters).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unsloth_ext.patching import PatchRecord, warn_unsupported
+
+_ACTIVATIONS = {"silu": ("swiglu", "none"), "gelu": ("geglu", "none"),
+                "gelu_pytorch_tanh": ("geglu", "tanh")}
+_warned: set[str] = set()
+
+
+def _fallback(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warn_unsupported(reason)
+
+
+def _parts(module: torch.nn.Module):
+    """LoraParts of a PEFT LoRA layer, a Linear or a bitsandbytes Linear4bit."""
+    from peft.tuners.lora import LoraLayer
+
+    from unsloth_ext.lora import LoraParts, base_weight, lora_parts
+
+    if isinstance(module, LoraLayer):
+        return lora_parts(module)
+    return LoraParts(base_weight(module), module.bias)
+
+
+def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    from unsloth_ext.ops.rms_norm import rms_norm
+
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    from unsloth_ext.lora import lora_mlp
+
+    activation = _ACTIVATIONS.get(self.config.hidden_act)
+    try:
+        if activation is None:
+            raise ValueError(f"hidden_act {self.config.hidden_act!r} has no fused MLP")
+        parts = (_parts(self.gate_proj), _parts(self.up_proj), _parts(self.down_proj))
+    except (TypeError, ValueError) as exc:
+        _fallback(f"MLP not fused: {exc}")
+        return type(self).forward(self, x)
+    return lora_mlp(x, *parts, activation=activation[0], approximate=activation[1])
+
+
+def _rope_positions(cos: torch.Tensor, seq: int) -> torch.Tensor:
+    """transformers' cos/sin are gathered per token, `[Bc, S, D]`: used as a cache of Bc*S rows,
+    token (b, s) reads row b*S + s (row s when Bc is 1)."""
+    rows = torch.arange(cos.shape[0] * seq, device=cos.device)
+    return rows.view(cos.shape[0], seq)
+
+
+def attention_forward(self, hidden_states: torch.Tensor,
+                      position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      attention_mask: torch.Tensor | None = None, past_key_values=None,
+                      **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from unsloth_ext.lora import lora_linear, lora_qkv
+    from unsloth_ext.ops.rope import apply_rope_
+
+    try:
+        q_parts, k_parts, v_parts = (_parts(self.q_proj), _parts(self.k_proj), _parts(self.v_proj))
+        o_parts = _parts(self.o_proj)
+    except (TypeError, ValueError) as exc:
+        _fallback(f"attention not fused: {exc}")
+        return type(self).forward(self, hidden_states, position_embeddings, attention_mask,
+                                  past_key_values, **kwargs)
+    batch, seq = hidden_states.shape[:2]
+    q, k, v = lora_qkv(hidden_states, q_parts, k_parts, v_parts)
+    q = q.view(batch, seq, -1, self.head_dim)
+    k = k.view(batch, seq, -1, self.head_dim)
+    v = v.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+    cos, sin = position_embeddings
+    positions = _rope_positions(cos, seq)
+    q, k = apply_rope_(q, k, cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1]),
+                       positions, layout="bshd")
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    if past_key_values is not None:
+        k, v = past_key_values.update(k, v, self.layer_idx)
+    out, _ = sdpa_attention_forward(self, q, k, v, attention_mask,
+                                    dropout=self.attention_dropout if self.training else 0.0,
+                                    scaling=self.scaling, **kwargs)
+    return lora_linear(out.reshape(batch, seq, -1), o_parts), None
+
+
+def decoder_layer_forward(self, hidden_states: torch.Tensor, attention_mask=None,
+                          position_ids=None, past_key_values=None, use_cache=False,
+                          position_embeddings=None, **kwargs) -> torch.Tensor:
+    from unsloth_ext.ops.add_rms_norm import add_rms_norm
+
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
+                                      position_ids=position_ids, past_key_values=past_key_values,
+                                      use_cache=use_cache, position_embeddings=position_embeddings,
+                                      **kwargs)
+    # residual + attention output, and the post-attention RMSNorm of that sum, in one pass. Under
+    # autocast the two differ in dtype: the sum takes the promoted one, as in the stock layer.
+    dtype = torch.promote_types(hidden_states.dtype, residual.dtype)
+    norm = self.post_attention_layernorm
+    hidden_states, residual = add_rms_norm(hidden_states.to(dtype), residual.to(dtype),
+                                           norm.weight, norm.variance_epsilon)
+    return residual + self.mlp(hidden_states)
+
+
+def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                      past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
+                      logits_to_keep=0, **kwargs):
+    """The stock forward, except that with labels in training the loss comes from fused linear +
+    cross-entropy and no logits are returned (they never exist in full)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from unsloth_ext.ops.cross_entropy import fused_linear_cross_entropy
+
+    if labels is None or not self.training:
+        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, past_key_values=past_key_values,
+                                  inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                  logits_to_keep=logits_to_keep, **kwargs)
+    num_items = kwargs.pop("num_items_in_batch", None)
+    shift_labels = kwargs.pop("shift_labels", None)
+    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, past_key_values=past_key_values,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    hidden = outputs.last_hidden_state
+    if shift_labels is None:
+        # Token t predicts label t+1; the last position has no target (as transformers pads).
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    loss = fused_linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight,
+        shift_labels.reshape(-1).to(hidden.device), bias=self.lm_head.bias,
+        num_items_in_batch=num_items)
+    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                  hidden_states=outputs.hidden_states,
+                                  attentions=outputs.attentions)
+
+
+def patch_llama(model, record: PatchRecord) -> None:
+    """Bind the patched forwards on this model's modules (instances only)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+
+    for module in model.modules():
+        if isinstance(module, (LlamaRMSNorm, MistralRMSNorm)):
+            record.bind(module, rms_norm_forward, "rms_norm")
+    for layer in model.model.layers:
+        record.bind(layer, decoder_layer_forward, "decoder_layer (fused residual add + RMSNorm)")
+        record.bind(layer.self_attn, attention_forward, "attention (LoRA QKV/O, RoPE, SDPA)")
+        record.bind(layer.mlp, mlp_forward, "mlp (fused LoRA MLP)")
+    if isinstance(getattr(model, "lm_head", None), torch.nn.Linear):
+        record.bind(model, causal_lm_forward, "causal_lm (fused linear + cross-entropy)")
