@@ -800,7 +800,7 @@ def mlp_peak_bound(tokens, hidden, inter, ranks, elem, buffer_numel):
     eps = 2 * elem * tokens * r + 16 * r * (2 * hidden + inter) + 16 * (2 * inter + hidden)
     inputs = elem * tokens * hidden  # X is saved but allocated before
     output = elem * tokens * hidden
-    return (saved - inputs + output + elem * max(rows * inter, tokens * hidden)
+    return (saved - inputs + output + elem * (rows * inter + tokens * hidden)
             + elem * buffer_numel + eps)
 
 

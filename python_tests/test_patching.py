@@ -90,20 +90,23 @@ def _converge(tmp_path, device, dtype, tolerance):
     diffs = [abs(a - b) for a, b in zip(stock_losses, fast_losses)]
     assert max(diffs) <= tolerance, list(zip(stock_losses, fast_losses))
     assert stock_losses[-1] < stock_losses[0] - 0.2  # it learned something
-    return _lora_weights(stock), _lora_weights(fast)
+    return path, batches, _lora_weights(stock), _lora_weights(fast)
 
 
 def test_convergence_matches_stock_cpu_fp32(tmp_path):
-    stock_w, fast_w = _converge(tmp_path, "cpu", torch.float32, 1e-3)
+    _, _, stock_w, fast_w = _converge(tmp_path, "cpu", torch.float32, 1e-3)
     for name, w in stock_w.items():
         torch.testing.assert_close(fast_w[name], w, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.cuda
 def test_convergence_matches_stock_cuda_bf16(tmp_path):
-    stock_w, fast_w = _converge(tmp_path, "cuda", torch.bfloat16, 3e-2)
-    for name, w in stock_w.items():
-        assert (fast_w[name] - w).norm() <= 0.05 * w.norm() + 1e-3, name
+    path, batches, stock_w, fast_w = _converge(tmp_path, "cuda", torch.bfloat16, 3e-2)
+    # Final adapters: no further from stock trained in fp32 than stock's own bf16 run is.
+    oracle = _stock(path, "cuda", torch.float32)
+    _train(oracle, batches, 30)
+    for name, w in _lora_weights(oracle).items():
+        assert (fast_w[name] - w).norm() <= 2 * (stock_w[name] - w).norm() + 1e-3, name
 
 
 @pytest.mark.parametrize("cls,config_cls", [(LlamaForCausalLM, LlamaConfig),

@@ -28,10 +28,7 @@ def add_rms_norm_bwd_reference(grad_y: torch.Tensor, grad_residual_out: torch.Te
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (grad_x, grad_weight); grad_x is also the residual's gradient. grad_residual_out
     is the gradient reaching residual_out from its later uses (None: unused)."""
-    grad_x, grad_w = rms_norm_bwd_reference(grad_y, residual_out, weight, rstd, gemma)
-    if grad_residual_out is not None:
-        grad_x = grad_x + grad_residual_out
-    return grad_x, grad_w
+    return rms_norm_bwd_reference(grad_y, residual_out, weight, rstd, gemma, grad_residual_out)
 
 
 def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,

@@ -24,14 +24,19 @@ def rms_norm_fwd_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 def rms_norm_bwd_reference(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                           rstd: torch.Tensor, gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (grad_x, grad_weight) given the forward's rstd."""
+                           rstd: torch.Tensor, gemma: bool,
+                           extra_grad_x: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (grad_x, grad_weight) given the forward's rstd. extra_grad_x (a gradient reaching x
+    by another path) is added before grad_x is rounded to x's dtype."""
     acc = acc_dtype(x.dtype)
     r = rstd.to(acc).unsqueeze(-1)
     xhat = x.to(acc) * r
     dy = grad_y.to(acc)
     g = dy * (weight.to(acc) + (1.0 if gemma else 0.0))
     grad_x = r * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+    if extra_grad_x is not None:
+        grad_x = grad_x + extra_grad_x.to(acc)
     # Llama's weight multiplies the normalized row after rounding to x's dtype.
     xw = xhat if gemma else xhat.to(x.dtype).to(acc)
     grad_w = (dy * xw).reshape(-1, x.shape[-1]).sum(0)
