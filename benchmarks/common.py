@@ -77,6 +77,10 @@ def matmul_tflops(n: int = 8192) -> float:
 
 
 def git_sha() -> str:
+    """The commit measured: UNSLOTH_EXT_GIT_SHA when set (a copy of the tree without .git), else
+    git's HEAD."""
+    if os.environ.get("UNSLOTH_EXT_GIT_SHA"):
+        return os.environ["UNSLOTH_EXT_GIT_SHA"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True, cwd=Path(__file__).parent).stdout.strip()
@@ -111,13 +115,13 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_results(name: str, payload: dict, table: str) -> Path:
     """benchmarks/results/<name>_<gpu>.json and .md; returns the json path."""
-    base = RESULTS_DIR / f"{name}_{gpu_slug()}"
-    write_atomic(base.with_suffix(".json"), json.dumps(payload, indent=2) + "\n")
+    stem = f"{name}_{gpu_slug()}"
+    write_atomic(RESULTS_DIR / f"{stem}.json", json.dumps(payload, indent=2) + "\n")
     env = payload["environment"]
     header = (f"{env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, git {env['git_sha'][:12]}, "
               f"{env['date']}\n\n")
-    write_atomic(base.with_suffix(".md"), header + table + "\n")
-    return base.with_suffix(".json")
+    write_atomic(RESULTS_DIR / f"{stem}.md", header + table + "\n")
+    return RESULTS_DIR / f"{stem}.json"
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:

@@ -1,6 +1,7 @@
-// LayerNorm and residual-add RMSNorm, built like rms_norm.cu: one row group of threads per row,
-// several independent vector loads per thread in flight, and a second pass that re-reads the
-// row from L1 instead of holding it in registers. The two share one backward: LayerNorm's
+// LayerNorm and RMSNorm (with an optional fused residual add). One row group of threads per row;
+// several independent vector loads per thread in flight; the second pass re-reads the row,
+// which the first left in L1 (cheaper than holding it in registers: more warps fit per SM, and
+// more warps keep more memory requests in flight). The two share one backward: LayerNorm's
 // formula with the mean term dropped is RMSNorm's, plus the residual's gradient.
 #include "kernels/norms.h"
 
@@ -120,39 +121,61 @@ __device__ __forceinline__ Vec<T, VEC> add_rounded(const Vec<T, VEC>& x, const V
   return from_acc<T>(xf);
 }
 
-template <typename T, typename W, typename O, int VEC>
+// kResidual: s = x + residual (written to residual_out), else s = x. Pass 1 keeps U vector
+// loads in flight per step: two of x without a residual, one each of x and the residual with.
+template <typename T, typename W, typename O, int VEC, bool kResidual>
 __global__ void __launch_bounds__(kFwdThreads, kFwdMinBlocks)
-add_rms_norm_fwd_kernel(const AddRMSNormFwdParams p) {
+rms_norm_fwd_kernel(const RMSNormFwdParams p) {
   using A = acc_t<T>;
+  constexpr int U = kResidual ? 1 : kFwdUnroll;
   __shared__ A scratch[kMaxRowGroups * 32];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool valid = row < p.rows;
   const int64_t n_vec = p.cols / VEC;
   const T* x = static_cast<const T*>(p.x) + (valid ? row : 0) * p.x_row_stride;
-  const T* r = static_cast<const T*>(p.residual) + (valid ? row : 0) * p.residual_row_stride;
+  const T* r = kResidual
+      ? static_cast<const T*>(p.residual) + (valid ? row : 0) * p.residual_row_stride
+      : nullptr;
   const W* w = static_cast<const W*>(p.weight);
-  T* s_out = static_cast<T*>(p.residual_out) + (valid ? row : 0) * p.cols;
   O* y = static_cast<O*>(p.y) + (valid ? row : 0) * p.cols;
+  const auto sum_at = [&](int64_t j) {
+    const Vec<T, VEC> xv = load_vec<T, VEC>(x + j * VEC);
+    if constexpr (kResidual) {
+      return add_rounded(xv, load_vec<T, VEC>(r + j * VEC));
+    } else {
+      return xv;
+    }
+  };
 
   A sumsq = 0;
-  // x and the residual: two independent loads in flight per step.
-  for (int64_t j = threadIdx.x; valid && j < n_vec; j += blockDim.x) {
-    const Vec<T, VEC> s =
-        add_rounded(load_vec<T, VEC>(x + j * VEC), load_vec<T, VEC>(r + j * VEC));
-    store_vec<T, VEC>(s_out + j * VEC, s);
-    A a[VEC];
-    to_acc(s, a);
+  for (int64_t base = threadIdx.x; valid && base < n_vec; base += U * blockDim.x) {
+    Vec<T, VEC> s[U];
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) sumsq += a[k] * a[k];
+    for (int u = 0; u < U; ++u) {
+      if (base + u * blockDim.x < n_vec) s[u] = sum_at(base + u * blockDim.x);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = base + u * blockDim.x;
+      if (j < n_vec) {
+        if constexpr (kResidual) {
+          store_vec<T, VEC>(static_cast<T*>(p.residual_out) + row * p.cols + j * VEC, s[u]);
+        }
+        A a[VEC];
+        to_acc(s[u], a);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sumsq += a[k] * a[k];
+      }
+    }
   }
   const A rstd = rsqrt_acc(row_group_sum(sumsq, scratch) / A(p.cols) + A(p.eps));
   if (!valid) return;
   if (threadIdx.x == 0) static_cast<A*>(p.rstd)[row] = rstd;
-  // The second pass re-adds x and the residual, which pass 1 left in L1.
+  // The second pass hits L1: one vector at a time keeps registers (and so occupancy) for pass 1.
 #pragma unroll 1
   for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
     A sh[VEC], wf[VEC], out[VEC];
-    to_acc(add_rounded(load_vec<T, VEC>(x + j * VEC), load_vec<T, VEC>(r + j * VEC)), sh);
+    to_acc(sum_at(j), sh);
     to_acc(load_vec<W, VEC>(w + j * VEC), wf);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) sh[k] *= rstd;
@@ -504,15 +527,19 @@ void layer_norm_fwd_typed(const LayerNormFwdParams& p, cudaStream_t stream) {
 }
 
 template <typename T, typename W, typename O>
-void add_rms_norm_fwd_typed(const AddRMSNormFwdParams& p, cudaStream_t stream) {
+void rms_norm_fwd_typed(const RMSNormFwdParams& p, cudaStream_t stream) {
+  const bool residual = p.residual != nullptr;
   const int vec = vector_width<T>({p.x, p.residual, p.weight, p.y, p.residual_out},
                                   {p.x_row_stride, p.residual_row_stride}, p.cols);
-  // One vector per thread per step: x and the residual are two loads in flight already.
-  const RowPlan plan = plan_rows(p.cols, vec, kFwdThreads, 1);
+  const RowPlan plan = plan_rows(p.cols, vec, kFwdThreads, residual ? 1 : kFwdUnroll);
+  const dim3 block(plan.threads_x, plan.rows_per_block);
+  const auto grid = static_cast<unsigned>(ceil_div(p.rows, plan.rows_per_block));
   dispatch_vec<kVec16<T>>(vec, [&](auto vec_c) {
-    const dim3 block(plan.threads_x, plan.rows_per_block);
-    const auto grid = static_cast<unsigned>(ceil_div(p.rows, plan.rows_per_block));
-    add_rms_norm_fwd_kernel<T, W, O, vec_c.value><<<grid, block, 0, stream>>>(p);
+    if (residual) {
+      rms_norm_fwd_kernel<T, W, O, vec_c.value, true><<<grid, block, 0, stream>>>(p);
+    } else {
+      rms_norm_fwd_kernel<T, W, O, vec_c.value, false><<<grid, block, 0, stream>>>(p);
+    }
   });
 }
 
@@ -591,7 +618,7 @@ void dispatch_kind(NormKind kind, F&& f) {
   if (kind == NormKind::kLayerNorm) {
     f(std::integral_constant<NormKind, NormKind::kLayerNorm>{});
   } else {
-    f(std::integral_constant<NormKind, NormKind::kAddRMSNorm>{});
+    f(std::integral_constant<NormKind, NormKind::kRMSNorm>{});
   }
 }
 
@@ -603,11 +630,10 @@ void layer_norm_fwd_launch(const LayerNormFwdParams& p, cudaStream_t stream) {
   });
 }
 
-void add_rms_norm_fwd_launch(const AddRMSNormFwdParams& p, cudaStream_t stream) {
-  dispatch_types<NormKind::kAddRMSNorm>(p.x_dtype, p.w_dtype, p.y_dtype,
-                                        [&](auto t, auto w, auto o) {
-    add_rms_norm_fwd_typed<typename decltype(t)::type, typename decltype(w)::type,
-                           typename decltype(o)::type>(p, stream);
+void rms_norm_fwd_launch(const RMSNormFwdParams& p, cudaStream_t stream) {
+  dispatch_types<NormKind::kRMSNorm>(p.x_dtype, p.w_dtype, p.y_dtype, [&](auto t, auto w, auto o) {
+    rms_norm_fwd_typed<typename decltype(t)::type, typename decltype(w)::type,
+                       typename decltype(o)::type>(p, stream);
   });
 }
 

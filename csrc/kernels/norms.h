@@ -1,5 +1,5 @@
-// LayerNorm and residual-add RMSNorm launch interface: plain pointers and sizes, no torch types.
-// Each has a forward kernel of its own; both share one backward (RMSNorm alone is in rms_norm.h).
+// LayerNorm and RMSNorm (with an optional residual add) launch interface: plain pointers and
+// sizes, no torch types. Each has a forward kernel of its own; both share one backward.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -27,14 +27,15 @@ struct LayerNormFwdParams {
   DType w_dtype;
 };
 
-// residual_out = x + residual rounded to x's dtype, then y = RMSNorm(residual_out) in the Llama
-// form w * round(norm) or the Gemma form norm * (1 + w), as RMSNormFwdParams describes.
-struct AddRMSNormFwdParams {
+// y = RMSNorm(s) with s = x, or with a residual s = x + residual rounded to x's dtype (also
+// written out), in the Llama form w * round(norm(s)) (rounded to x's dtype before the weight
+// product, as transformers does) or the Gemma form norm(s) * (1 + w).
+struct RMSNormFwdParams {
   const void* x;
-  const void* residual;  // x's dtype
+  const void* residual;  // x's dtype; nullptr: plain RMSNorm
   const void* weight;
   void* y;             // [rows, cols], contiguous
-  void* residual_out;  // [rows, cols], contiguous, x's dtype
+  void* residual_out;  // [rows, cols], contiguous, x's dtype; nullptr without a residual
   void* rstd;          // [rows], accumulator dtype
   int64_t rows;
   int64_t cols;
@@ -47,12 +48,12 @@ struct AddRMSNormFwdParams {
   DType y_dtype;
 };
 
-enum class NormKind { kLayerNorm, kAddRMSNorm };
+enum class NormKind { kLayerNorm, kRMSNorm };
 
-// The backward of both, per row of x (the residual sum for kAddRMSNorm), with
-// xhat = (x - mean) * rstd (mean 0 for kAddRMSNorm) and g = dy * w (dy * (1 + w) for Gemma):
+// The backward of both, per row of x (the residual sum s for a residual add), with
+// xhat = (x - mean) * rstd (mean 0 for kRMSNorm) and g = dy * w (dy * (1 + w) for Gemma):
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   kLayerNorm
-//   dx = rstd * (g - xhat * mean(g * xhat)) + dres      kAddRMSNorm
+//   dx = rstd * (g - xhat * mean(g * xhat)) + dres      kRMSNorm
 //   dw = sum over rows of dy * xhat (Llama: xhat rounded to x's dtype), db = sum of dy.
 struct NormBwdParams {
   const void* dy;
@@ -60,7 +61,7 @@ struct NormBwdParams {
   const void* weight;
   const void* mean;  // kLayerNorm: [rows], accumulator dtype
   const void* rstd;  // [rows], accumulator dtype
-  const void* dres;  // kAddRMSNorm: gradient reaching the residual sum, x's dtype; may be nullptr
+  const void* dres;  // kRMSNorm: gradient reaching the residual sum by its other uses; may be nullptr
   void* dx;          // [rows, cols], contiguous, x's dtype
   void* dw;          // [cols], weight's dtype
   void* db;          // kLayerNorm with a bias: [cols], weight's dtype; else nullptr
@@ -78,7 +79,7 @@ struct NormBwdParams {
 
 void layer_norm_fwd_launch(const LayerNormFwdParams& p, cudaStream_t stream);
 
-void add_rms_norm_fwd_launch(const AddRMSNormFwdParams& p, cudaStream_t stream);
+void rms_norm_fwd_launch(const RMSNormFwdParams& p, cudaStream_t stream);
 
 // Rows of the workspace that holds per-block partial sums of dW (and of db after them).
 int64_t norm_bwd_partial_rows(NormKind kind, const NormBwdParams& p);

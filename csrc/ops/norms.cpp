@@ -56,9 +56,9 @@ void check_eps(double eps) {
   TORCH_CHECK_VALUE(eps >= 0, "eps is ", eps, "; expected a non-negative number");
 }
 
-// Output dtype of the residual-add RMSNorm forward: Llama multiplies a rounded x by w (type
-// promotion), Gemma casts back to x's dtype.
-at::ScalarType add_rms_norm_out_dtype(const at::Tensor& x, const at::Tensor& weight, bool gemma) {
+// Output dtype of the RMSNorm forward: Llama multiplies a rounded x by w (type promotion), Gemma
+// casts back to x's dtype.
+at::ScalarType rms_norm_out_dtype(const at::Tensor& x, const at::Tensor& weight, bool gemma) {
   return gemma ? x.scalar_type() : c10::promoteTypes(x.scalar_type(), weight.scalar_type());
 }
 
@@ -150,30 +150,30 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> layer_norm_bwd(
   return {dx, dw, db};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_fwd(const at::Tensor& x,
-                                                                const at::Tensor& residual,
-                                                                const at::Tensor& weight,
-                                                                double eps, bool gemma) {
-  NvtxRange range("unsloth_ext::add_rms_norm_fwd");
+namespace {
+
+// RMSNorm of x, or of x + residual (also returned, undefined without a residual).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_forward(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
+    double eps, bool gemma) {
   check_activation(x, "x");
-  check_like(residual, x, x.scalar_type(), "residual", "x");
+  if (residual.has_value()) check_like(*residual, x, x.scalar_type(), "residual", "x");
   check_param(weight, x, "weight", "x");
   check_eps(eps);
   const c10::cuda::CUDAGuard guard(x.device());
   const Rows xr = as_rows(x);
-  const Rows rr = as_rows(residual);
+  const Rows rr = residual.has_value() ? as_rows(*residual) : Rows{at::Tensor(), xr.rows, xr.cols, 0};
   const at::Tensor w = weight.contiguous();
-  at::Tensor y =
-      at::empty(x.sizes(), x.options().dtype(add_rms_norm_out_dtype(x, weight, gemma)));
-  at::Tensor residual_out = at::empty(x.sizes(), x.options());
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(rms_norm_out_dtype(x, weight, gemma)));
+  at::Tensor residual_out = residual.has_value() ? at::empty(x.sizes(), x.options()) : at::Tensor();
   at::Tensor rstd = acc_rows_like(x);
 
-  AddRMSNormFwdParams p{};
+  RMSNormFwdParams p{};
   p.x = xr.tensor.data_ptr();
-  p.residual = rr.tensor.data_ptr();
+  p.residual = rr.tensor.defined() ? rr.tensor.data_ptr() : nullptr;
   p.weight = w.data_ptr();
   p.y = y.data_ptr();
-  p.residual_out = residual_out.data_ptr();
+  p.residual_out = residual_out.defined() ? residual_out.data_ptr() : nullptr;
   p.rstd = rstd.data_ptr();
   p.rows = xr.rows;
   p.cols = xr.cols;
@@ -184,34 +184,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_fwd(const at::Tensor
   p.x_dtype = to_dtype(x, "x");
   p.w_dtype = to_dtype(w, "weight");
   p.y_dtype = to_dtype(y, "y");
-  add_rms_norm_fwd_launch(p, current_stream());
+  rms_norm_fwd_launch(p, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {y, residual_out, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor> add_rms_norm_bwd(
-    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_residual_out,
-    const at::Tensor& residual_out, const at::Tensor& weight, const at::Tensor& rstd, bool gemma) {
-  NvtxRange range("unsloth_ext::add_rms_norm_bwd");
-  const char* const res_name = "residual_out";
-  check_activation(residual_out, res_name);
-  check_param(weight, residual_out, "weight", res_name);
-  check_like(grad_y, residual_out, add_rms_norm_out_dtype(residual_out, weight, gemma), "grad_y",
-             res_name);
-  if (grad_residual_out.has_value()) {
-    check_like(*grad_residual_out, residual_out, residual_out.scalar_type(), "grad_residual_out",
-               res_name);
-  }
-  check_row_stat(rstd, residual_out, "rstd", res_name);
-  const c10::cuda::CUDAGuard guard(residual_out.device());
-  const Rows sr = as_rows(residual_out);
+// The RMSNorm backward for s (x, or the residual sum), plus dres when given.
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward(
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& dres, const at::Tensor& s,
+    const at::Tensor& weight, const at::Tensor& rstd, bool gemma, const char* s_name,
+    const char* dres_name) {
+  check_activation(s, s_name);
+  check_param(weight, s, "weight", s_name);
+  check_like(grad_y, s, rms_norm_out_dtype(s, weight, gemma), "grad_y", s_name);
+  if (dres.has_value()) check_like(*dres, s, s.scalar_type(), dres_name, s_name);
+  check_row_stat(rstd, s, "rstd", s_name);
+  const c10::cuda::CUDAGuard guard(s.device());
+  const Rows sr = as_rows(s);
   const Rows dyr = as_rows(grad_y);
-  // Without grad_residual_out, dres stays undefined and the kernels add nothing.
-  const Rows dres = grad_residual_out.has_value() ? as_rows(*grad_residual_out)
-                                                  : Rows{at::Tensor(), sr.rows, sr.cols, sr.cols};
+  // Without dres, its tensor stays undefined and the kernels add nothing.
+  const Rows dr = dres.has_value() ? as_rows(*dres) : Rows{at::Tensor(), sr.rows, sr.cols, sr.cols};
   const at::Tensor w = weight.contiguous();
   const at::Tensor r = rstd.contiguous();
-  at::Tensor dx = at::empty(residual_out.sizes(), residual_out.options());
+  at::Tensor dx = at::empty(s.sizes(), s.options());
   at::Tensor dw = at::empty({sr.cols}, weight.options());
 
   NormBwdParams p{};
@@ -219,24 +214,56 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_bwd(
   p.x = sr.tensor.data_ptr();
   p.weight = w.data_ptr();
   p.rstd = r.data_ptr();
-  p.dres = dres.tensor.defined() ? dres.tensor.data_ptr() : nullptr;
+  p.dres = dr.tensor.defined() ? dr.tensor.data_ptr() : nullptr;
   p.dx = dx.data_ptr();
   p.dw = dw.data_ptr();
   p.rows = sr.rows;
   p.cols = sr.cols;
   p.dy_row_stride = dyr.row_stride;
   p.x_row_stride = sr.row_stride;
-  p.dres_row_stride = dres.row_stride;
+  p.dres_row_stride = dr.row_stride;
   p.gemma = gemma;
-  p.x_dtype = to_dtype(residual_out, res_name);
+  p.x_dtype = to_dtype(s, s_name);
   p.w_dtype = to_dtype(w, "weight");
   p.dy_dtype = to_dtype(grad_y, "grad_y");
-  at::Tensor partial = at::empty({norm_bwd_partial_rows(NormKind::kAddRMSNorm, p), sr.cols},
-                                 residual_out.options().dtype(acc_scalar_type(residual_out)));
+  at::Tensor partial = at::empty({norm_bwd_partial_rows(NormKind::kRMSNorm, p), sr.cols},
+                                 s.options().dtype(acc_scalar_type(s)));
   p.partial = partial.data_ptr();
-  norm_bwd_launch(NormKind::kAddRMSNorm, p, current_stream());
+  norm_bwd_launch(NormKind::kRMSNorm, p, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dx, dw};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                double eps, bool gemma) {
+  NvtxRange range("unsloth_ext::rms_norm_fwd");
+  auto [y, residual_out, rstd] = rms_norm_forward(x, std::nullopt, weight, eps, gemma);
+  return {y, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad_y, const at::Tensor& x,
+                                                const at::Tensor& weight, const at::Tensor& rstd,
+                                                bool gemma) {
+  NvtxRange range("unsloth_ext::rms_norm_bwd");
+  return rms_norm_backward(grad_y, std::nullopt, x, weight, rstd, gemma, "x", "");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_fwd(const at::Tensor& x,
+                                                                const at::Tensor& residual,
+                                                                const at::Tensor& weight,
+                                                                double eps, bool gemma) {
+  NvtxRange range("unsloth_ext::add_rms_norm_fwd");
+  return rms_norm_forward(x, residual, weight, eps, gemma);
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_bwd(
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_residual_out,
+    const at::Tensor& residual_out, const at::Tensor& weight, const at::Tensor& rstd, bool gemma) {
+  NvtxRange range("unsloth_ext::add_rms_norm_bwd");
+  return rms_norm_backward(grad_y, grad_residual_out, residual_out, weight, rstd, gemma,
+                           "residual_out", "grad_residual_out");
 }
 
 }  // namespace unsloth_ext
