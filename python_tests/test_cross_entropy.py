@@ -453,10 +453,11 @@ def test_linear_gradients_are_handed_out_once():
 
 # --- CUDA kernels --------------------------------------------------------------------------------
 
-# (rows, vocab): one class; odd sizes (unaligned rows, row kernels); the cluster kernel's sizes;
-# past its capacity (row kernels again).
-CUDA_SHAPES = [(3, 1), (7, 7), (5, 769), (9, 32001), (4, 32000), (3, 128256), (2, 256000),
-               (3, 600000)]
+# (rows, vocab): one class; odd sizes (unaligned rows, row kernels); the cluster kernel's sizes,
+# and more rows than clusters fit on the GPU at once (each cluster then takes several); past its
+# capacity (row kernels again).
+CUDA_SHAPES = [(3, 1), (7, 7), (5, 769), (9, 32001), (4, 32000), (1000, 32000), (3, 128256),
+               (2, 256000), (3, 600000)]
 
 
 def _cuda_case(rows, vocab, dtype, settings):

@@ -37,12 +37,12 @@ def rope_op(dtype: torch.dtype, head_dim: int) -> None:
     (q2.float().sum() + k2.float().sum()).backward()
 
 
-def cross_entropy_op(dtype: torch.dtype, vocab: int) -> None:
-    logits = torch.randn(6, vocab, device="cuda", dtype=dtype, requires_grad=True)
-    labels = torch.randint(0, vocab, (6,), device="cuda")
+def cross_entropy_op(dtype: torch.dtype, vocab: int, rows: int = 6) -> None:
+    logits = torch.randn(rows, vocab, device="cuda", dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, vocab, (rows,), device="cuda")
     labels[2] = -100
     cross_entropy(logits, labels, softcap=30.0).backward()
-    ops.cross_entropy_fwd_bwd_(logits.detach().clone(), labels, torch.ones(6, device="cuda"),
+    ops.cross_entropy_fwd_bwd_(logits.detach().clone(), labels, torch.ones(rows, device="cuda"),
                                -100, 1.0, 0.0, 0.0)
 
 
@@ -62,8 +62,9 @@ for dtype in (torch.bfloat16, torch.float32):
         rows_ops(dtype, cols)
     for head_dim in (64, 80):
         rope_op(dtype, head_dim)
-    for vocab in (1000, 32001):
+    for vocab in (1000, 32001):  # row kernels
         cross_entropy_op(dtype, vocab)
+    cross_entropy_op(dtype, 32000, rows=400)  # cluster kernel, clusters taking several rows
 nf4_ops(torch.bfloat16)
 torch.cuda.synchronize()
 print("all kernels ran")

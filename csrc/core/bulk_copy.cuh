@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "core/launch.cuh"
+
 namespace unsloth_ext {
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -72,8 +74,7 @@ __device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, 
 // are real: false on older GPUs, and for code JIT-compiled from an older arch's PTX.
 template <typename Kernel>
 bool bulk_copy_compiled(Kernel kernel) {
-  cudaFuncAttributes attr{};
-  return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90;
+  return kernel_ptx_version(reinterpret_cast<const void*>(kernel)) >= 90;
 }
 
 }  // namespace unsloth_ext

@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
@@ -73,33 +74,35 @@ void dispatch_norm_types(DType x, DType w, DType o, F&& f) {
   });
 }
 
-// Lets `kernel` take `bytes` of dynamic shared memory beside its static shared memory (a few KB
-// in these kernels), past the 48 KB that needs no opt-in.
+// Lets `kernel` take `dynamic_smem` bytes of dynamic shared memory beside its static shared
+// memory (past the 48 KB that need an opt-in) and returns how many of its blocks of `threads`
+// threads fit on the whole current device at once. Cached per (kernel, device, shape): the
+// driver's queries cost about as much as a small kernel.
+int64_t prepare_blocks(const void* kernel, int threads, size_t dynamic_smem);
+
 template <typename Kernel>
-void allow_dynamic_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 32 * 1024) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         static_cast<int>(bytes));
-  }
+int64_t prepare_blocks(Kernel kernel, int threads, size_t dynamic_smem) {
+  return prepare_blocks(reinterpret_cast<const void*>(kernel), threads, dynamic_smem);
 }
 
-// Blocks of `kernel` that fit on the whole device at once with the given block shape.
-template <typename Kernel>
-int64_t resident_blocks(Kernel kernel, int threads, size_t dynamic_smem) {
-  int per_sm = 0;
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, dynamic_smem);
-  return static_cast<int64_t>(sm_count()) * (per_sm > 0 ? per_sm : 1);
-}
+// The PTX version `kernel` was compiled from for the current device (90: sm_90), or 0 when it
+// has no code for it. Cached per (kernel, device).
+int kernel_ptx_version(const void* kernel);
 
-// out[c] = sum_r partial[r, c], summed in a fixed order (deterministic).
+// Column sums of one or two [rows, cols] slabs stored back to back in `partial`:
+// out0[c] = sum_r slab0[r, c] and, with out1, out1[c] = sum_r slab1[r, c] (blockIdx.y picks the
+// slab: one launch, as a second costs about as much as the sums). Summed in a fixed order
+// (deterministic).
 template <typename A, typename W>
-__global__ void column_sum_kernel(const A* __restrict__ partial, int64_t rows, int64_t cols,
-                                  W* __restrict__ out) {
+__global__ void column_sums_kernel(const A* __restrict__ partial, int64_t rows, int64_t cols,
+                                   W* __restrict__ out0, W* __restrict__ out1) {
   __shared__ A part[8][33];
+  const A* slab = partial + blockIdx.y * rows * cols;
+  W* out = blockIdx.y == 0 ? out0 : out1;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   A acc = 0;
   if (c < cols) {
-    for (int64_t r = threadIdx.y; r < rows; r += 8) acc += partial[r * cols + c];
+    for (int64_t r = threadIdx.y; r < rows; r += 8) acc += slab[r * cols + c];
   }
   part[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
@@ -112,9 +115,10 @@ __global__ void column_sum_kernel(const A* __restrict__ partial, int64_t rows, i
 }
 
 template <typename A, typename W>
-void launch_column_sum(const A* partial, int64_t rows, int64_t cols, W* out, cudaStream_t stream) {
-  column_sum_kernel<A, W><<<static_cast<unsigned>(ceil_div(cols, 32)), dim3(32, 8), 0, stream>>>(
-      partial, rows, cols, out);
+void launch_column_sums(const A* partial, int64_t rows, int64_t cols, W* out0, W* out1,
+                        cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(cols, 32)), out1 != nullptr ? 2 : 1);
+  column_sums_kernel<A, W><<<grid, dim3(32, 8), 0, stream>>>(partial, rows, cols, out0, out1);
 }
 
 }  // namespace unsloth_ext

@@ -8,8 +8,8 @@
 // fused forward+backward reads it twice.
 //
 // Cluster kernel (sm_90+, the fused forward+backward on aligned rows): the CTAs of one cluster
-// hold one row in registers, a slice each, and exchange their (max, sum) through distributed
-// shared memory, so each logit is read once and each gradient written once.
+// stage one row in shared memory, a slice each, and exchange their (max, sum) through
+// distributed shared memory, so each logit is read once and each gradient written once.
 #include "kernels/cross_entropy.h"
 
 #include <cooperative_groups.h>
@@ -18,6 +18,7 @@
 #include <climits>
 #include <limits>
 
+#include "core/bulk_copy.cuh"
 #include "core/device_math.cuh"
 #include "core/launch.cuh"
 
@@ -31,12 +32,16 @@ namespace {
 constexpr int kRowThreads = 512;
 constexpr int kRowMinBlocks = 2;
 constexpr int kRowUnroll = 4;
-// Cluster kernel: each thread holds kClusterVpt vectors of its CTA's slice of the row.
-constexpr int kClusterVpt = 4;
+// Cluster kernel: a cluster of up to kClusterMaxSize CTAs per row, each staging a slice of
+// about kClusterSliceBytes (kClusterStages rows deep) and giving each thread about kClusterVpt
+// vectors of it.
 constexpr int kClusterMaxSize = 8;  // the portable cluster size
 constexpr int kClusterMaxThreads = 1024;
-// CTAs small enough for two per SM, in different phases (loading, exchanging, storing).
-constexpr int kClusterTargetThreads = 512;
+constexpr int kClusterVpt = 4;
+constexpr int kClusterStages = 3;
+constexpr int64_t kClusterSliceBytes = 32 * 1024;
+// Longer rows (whose stages would not fit in shared memory) go to the row kernels.
+constexpr size_t kClusterMaxSmem = 192 * 1024;
 // Shorter rows go to the row kernels, which pack several rows into one block.
 constexpr int64_t kClusterMinVectors = 1024;
 
@@ -46,6 +51,20 @@ __device__ __forceinline__ A exp_acc(A x) {
     return exp(x);
   } else {
     return __expf(x);
+  }
+}
+
+constexpr double kLog2e = 1.4426950408889634;
+
+// 2^x: the hardware approximation in fp32 (what __expf uses, without its multiply).
+template <typename A>
+__device__ __forceinline__ A exp2_acc(A x) {
+  if constexpr (std::is_same_v<A, double>) {
+    return exp2(x);
+  } else {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
   }
 }
 
@@ -74,6 +93,8 @@ __device__ __forceinline__ A nan_acc() {
 
 // z = f(x) and dz/dx (see CrossEntropyRows). f increases, so the largest z of a set of logits is
 // f of the largest x.
+// Without a softcap (z = scale * x) the kernels take exp(z - c) as 2^((z - c) log2(e)), with z
+// rounded as the row's max was (so z - c is exactly 0 at the max).
 template <typename A>
 struct LogitMap {
   A scale;
@@ -150,10 +171,21 @@ struct LseState {
       s *= exp_acc(m - zmax);
       m = zmax;
     }
-    f.each(x, [&](int, A z, A) {
-      s += exp_acc(z - m);
-      if (smoothing) zsum += z;
-    });
+    if (f.cap > 0) {
+      f.each(x, [&](int, A z, A) {
+        s += exp_acc(z - m);
+        if (smoothing) zsum += z;
+      });
+      return;
+    }
+#pragma unroll
+    for (int k = 0; k < N; ++k) s += exp2_acc((f.scale * x[k] - m) * A(kLog2e));
+    if (smoothing) {
+      A sum = 0;
+#pragma unroll
+      for (int k = 0; k < N; ++k) sum += x[k];
+      zsum += f.scale * sum;
+    }
   }
 
   __device__ __forceinline__ A lse() const { return m + log_acc(s); }
@@ -288,11 +320,26 @@ struct RowGrad {
     A x[N], out[N];
     to_acc(v, x);
     const int64_t label_k = label_col - col;
-    f.each(x, [&](int k, A z, A dz) {
-      A g = g_lse * exp_acc(z - lse) + g_smooth;
-      if (k == label_k) g += g_label;
-      out[k] = g * dz;
-    });
+    const bool has_label = label_k >= 0 && label_k < N;
+    if (f.cap > 0) {
+      f.each(x, [&](int k, A z, A dz) {
+        A g = g_lse * exp_acc(z - lse) + g_smooth;
+        if (has_label && k == label_k) g += g_label;
+        out[k] = g * dz;
+      });
+    } else {
+      // dz/dx = scale: out = (g_lse * scale) * exp(z - lse) + g_smooth * scale.
+      const A a = g_lse * f.scale;
+      const A b = g_smooth * f.scale;
+#pragma unroll
+      for (int k = 0; k < N; ++k) out[k] = a * exp2_acc((f.scale * x[k] - lse) * A(kLog2e)) + b;
+      if (has_label) {
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          if (k == label_k) out[k] += g_label * f.scale;
+        }
+      }
+    }
     return from_acc<T>(out);
   }
 };
@@ -401,115 +448,133 @@ cross_entropy_fused_rows_kernel(const CrossEntropyFusedParams p) {
   }
 }
 
-// The fused forward+backward on sm_90+: blockIdx.x / cluster size is the row, and CTA `rank` of
-// the cluster holds its slice of per_cta vectors in registers, thread i vectors i, i + blockDim.x,
-// ... of the slice. The CTAs merge their logsumexp states through distributed shared memory,
-// every warp in the same order, so every CTA uses the same lse.
+// The fused forward+backward on sm_90+, persistent: cluster c of the grid's n takes rows c,
+// c + n, ... (its rows 0, 1, ...), and CTA `rank` of a cluster owns the slice of per_cta vectors
+// from column rank * per_cta * VEC. Thread 0 keeps the slices of the next kClusterStages rows in
+// flight as bulk copies into shared memory. Per row, each CTA takes its slice's logsumexp state,
+// publishes it, and after a cluster barrier merges all CTAs' states (in the same order: all use
+// the same lse) and writes its slice's gradient from the stage, which is then refilled. The
+// barrier is split: a CTA reduces its slice of the next row while the other CTAs catch up. Every
+// CTA of a cluster sees the same labels, so all take the same branches and barriers.
 template <typename T>
 __global__ void __launch_bounds__(kClusterMaxThreads, 1)
-cross_entropy_fused_cluster_kernel(const CrossEntropyFusedParams p) {
+cross_entropy_fused_cluster_kernel(const CrossEntropyFusedParams p, int per_cta) {
 #ifdef UNSLOTH_EXT_CLUSTERS
   using A = float;
   constexpr int VEC = kVec16<T>;
   namespace cg = cooperative_groups;
-  __shared__ LseState<A> warp_states[32];
-  __shared__ LseState<A> cta_state;
+  extern __shared__ __align__(128) unsigned char stage_bytes[];
+  __shared__ uint64_t full[kClusterStages];
+  __shared__ LseState<A> warp_states[2][32];  // by row parity, so one barrier per row suffices
+  // By row parity: a CTA publishes row n + 1 while others may still read its row n - 1.
+  __shared__ LseState<A> cta_state[2];
   const auto cluster = cg::this_cluster();
   const int size = static_cast<int>(cluster.num_blocks());
   const int rank = static_cast<int>(cluster.block_rank());
   const int lane = threadIdx.x % 32;
+  const int warps = static_cast<int>(blockDim.x / 32);
   const CrossEntropyRows& in = p.in;
-  const int64_t row = blockIdx.x / size;
+  const int64_t clusters = gridDim.x / size;
+  const int64_t first_row = blockIdx.x / size;
+  const int64_t rows_here = (in.rows - first_row + clusters - 1) / clusters;
   const int64_t n_vec = in.cols / VEC;
-  const int per_cta = static_cast<int>((n_vec + size - 1) / size);
   const int64_t first_col = static_cast<int64_t>(rank) * per_cta * VEC;
   // Vectors in this CTA's slice (none for the last CTAs of a short row).
   const int count =
       static_cast<int>(max(min(n_vec - first_col / VEC, int64_t{per_cta}), int64_t{0}));
-  const RowLabel label = row_label(in, row);
-  const T* x_row = static_cast<const T*>(in.logits) + row * in.row_stride;
-  const T* x = x_row + first_col;
-  T* grad = static_cast<T*>(p.grad_logits) + row * in.row_stride + first_col;
+  const uint32_t slice_bytes = static_cast<uint32_t>(count) * 16;
   float* loss = static_cast<float*>(p.loss);
-
-  // The label is the same for every CTA of the cluster, so none waits at a barrier alone.
-  if (label.ignored || label.invalid) {
-    Vec<T, VEC> fill;
-    const T value = convert<T>(label.ignored ? A(0) : nan_acc<A>());
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) fill.v[k] = value;
-    for (int j = threadIdx.x; j < count; j += blockDim.x) store_vec<T, VEC>(grad + j * VEC, fill);
-    if (rank == 0 && threadIdx.x == 0) loss[row] = label.ignored ? A(0) : nan_acc<A>();
-    return;
-  }
-
-  uint4 words[kClusterVpt];
-#pragma unroll
-  for (int i = 0; i < kClusterVpt; ++i) {
-    const int j = i * blockDim.x + threadIdx.x;
-    if (j < count) words[i] = *reinterpret_cast<const uint4*>(x + j * VEC);
-  }
-  // Read before the cluster barrier, after which the label's column may hold its gradient.
-  const A x_label = rank == 0 && threadIdx.x == 0 ? convert<A>(x_row[label.col]) : A(0);
-
-  // The slice is in registers: its max first, then one exponential per element.
   const LogitMap<A> f(in);
   const bool smoothing = in.label_smoothing > 0;
-  LseState<A> st = LseState<A>::empty();
-  if (static_cast<int>(threadIdx.x) < count) {
-    A xmax = -std::numeric_limits<A>::infinity();
-#pragma unroll
-    for (int i = 0; i < kClusterVpt; ++i) {
-      if (static_cast<int>(i * blockDim.x + threadIdx.x) < count) {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          xmax = max(xmax, convert<A>(from_words<T, VEC>(words[i]).v[k]));
-        }
-      }
+  const A eps = A(in.label_smoothing);
+
+  const auto row_of = [&](int64_t n) { return first_row + n * clusters; };
+  const auto stage_of = [&](int64_t n) {
+    return reinterpret_cast<T*>(stage_bytes) + (n % kClusterStages) * per_cta * VEC;
+  };
+  const auto fetch = [&](int64_t n) {
+    uint64_t* bar = &full[n % kClusterStages];
+    mbarrier_arrive_expect(bar, slice_bytes);
+    if (count > 0) {
+      bulk_copy_to_shared(stage_of(n),
+                          static_cast<const T*>(in.logits) + row_of(n) * in.row_stride + first_col,
+                          slice_bytes, bar);
     }
-    st.m = max(f.z(xmax), st.m);
-#pragma unroll
-    for (int i = 0; i < kClusterVpt; ++i) {
-      if (static_cast<int>(i * blockDim.x + threadIdx.x) < count) {
+  };
+  // The logsumexp state of row n's slice (empty for a row without a loss), in every lane of
+  // warp 0.
+  const auto slice_state = [&](int64_t n) {
+    mbarrier_wait(&full[n % kClusterStages], (n / kClusterStages) & 1);
+    const RowLabel label = row_label(in, row_of(n));
+    LseState<A> st = LseState<A>::empty();
+    if (!label.ignored && !label.invalid) {
+      const T* x = stage_of(n);
+      for (int j = threadIdx.x; j < count; j += blockDim.x) {
         A a[VEC];
-        to_acc(from_words<T, VEC>(words[i]), a);
-        f.each(a, [&](int, A z, A) {
-          st.s += exp_acc(z - st.m);
-          if (smoothing) st.zsum += z;
-        });
+        to_acc(load_vec<T, VEC>(x + j * VEC), a);
+        st.add(a, f, smoothing);
       }
     }
+    st = warp_merge(st);
+    if (lane == 0) warp_states[n & 1][threadIdx.x / 32] = st;
+    __syncthreads();
+    LseState<A> total = LseState<A>::empty();
+    if (threadIdx.x < 32) {
+      total = warp_merge(lane < warps ? warp_states[n & 1][lane] : LseState<A>::empty());
+    }
+    return total;
+  };
+  const auto publish = [&](int64_t n, const LseState<A>& total) {
+    if (threadIdx.x == 0) cta_state[n & 1] = total;
+    cluster.barrier_arrive();
+  };
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kClusterStages; ++s) mbarrier_init(&full[s], 1);
   }
-  st = warp_merge(st);
-  if (lane == 0) warp_states[threadIdx.x / 32] = st;
   __syncthreads();
   if (threadIdx.x == 0) {
-    LseState<A> total = warp_states[0];
-    for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w) total.merge(warp_states[w]);
-    cta_state = total;
+    for (int64_t n = 0; n < kClusterStages && n < rows_here; ++n) fetch(n);
   }
-  cluster.sync();
-  LseState<A> row_state = LseState<A>::empty();
-  if (lane < size) row_state = *cluster.map_shared_rank(&cta_state, lane);
-  row_state = warp_merge(row_state);
-  cluster.barrier_arrive();  // done reading the other CTAs' shared memory
+  publish(0, slice_state(0));
+  for (int64_t n = 0; n < rows_here; ++n) {
+    const bool has_next = n + 1 < rows_here;
+    LseState<A> next = LseState<A>::empty();
+    if (has_next) next = slice_state(n + 1);
+    cluster.barrier_wait();  // every CTA has published row n
+    LseState<A> row_state = LseState<A>::empty();
+    if (lane < size) row_state = *cluster.map_shared_rank(&cta_state[n & 1], lane);
+    row_state = warp_merge(row_state);
+    if (has_next) publish(n + 1, next);
 
-  const A lse = row_state.lse();
-  const A eps = A(in.label_smoothing);
-  const A scale = static_cast<const A*>(p.grad_scale)[row];
-  // Columns counted from the slice's start.
-  const RowGrad<A> rg(in, lse, scale, -scale, label.col - first_col);
+    const int64_t row = row_of(n);
+    const RowLabel label = row_label(in, row);
+    const T* x = stage_of(n);
+    T* grad = static_cast<T*>(p.grad_logits) + row * in.row_stride + first_col;
+    if (label.ignored || label.invalid) {
+      Vec<T, VEC> fill;
+      const T value = convert<T>(label.ignored ? A(0) : nan_acc<A>());
 #pragma unroll
-  for (int i = 0; i < kClusterVpt; ++i) {
-    const int j = i * blockDim.x + threadIdx.x;
-    if (j < count) {
-      store_vec<T, VEC>(grad + j * VEC, rg.of(from_words<T, VEC>(words[i]), j * VEC, f));
+      for (int k = 0; k < VEC; ++k) fill.v[k] = value;
+      for (int j = threadIdx.x; j < count; j += blockDim.x) store_vec<T, VEC>(grad + j * VEC, fill);
+      if (rank == 0 && threadIdx.x == 0) loss[row] = label.ignored ? A(0) : nan_acc<A>();
+    } else {
+      const int64_t label_k = label.col - first_col;  // the label's column in the slice
+      const A lse = row_state.lse();
+      const A scale = static_cast<const A*>(p.grad_scale)[row];
+      const RowGrad<A> rg(in, lse, scale, -scale, label_k);  // loss = lse - target
+      for (int j = threadIdx.x; j < count; j += blockDim.x) {
+        store_vec<T, VEC>(grad + j * VEC, rg.of(load_vec<T, VEC>(x + j * VEC), j * VEC, f));
+      }
+      if (threadIdx.x == 0 && label_k >= 0 && label_k < count * VEC) {
+        loss[row] = lse - (A(1) - eps) * f.z(convert<A>(x[label_k])) -
+                    eps / A(in.vocab_size) * row_state.zsum;
+      }
     }
+    __syncthreads();  // every thread is done with row n's stage: refill it
+    if (threadIdx.x == 0 && n + kClusterStages < rows_here) fetch(n + kClusterStages);
   }
-  if (rank == 0 && threadIdx.x == 0) {
-    loss[row] = lse - (A(1) - eps) * f.z(x_label) - eps / A(in.vocab_size) * row_state.zsum;
-  }
-  cluster.barrier_wait();  // keep this CTA's shared memory until every CTA has read it
+  cluster.sync();  // keep this CTA's shared memory until every peer has read its last state
 #else
   __trap();
 #endif
@@ -524,30 +589,9 @@ void launch_rows(void (*kernel)(Params), const Params& p, cudaStream_t stream) {
   kernel<<<static_cast<unsigned>(std::min<int64_t>(blocks, INT_MAX)), block, 0, stream>>>(p);
 }
 
-// Whether the current device launches clusters and has `kernel` compiled for sm_90+ (a binary
-// whose newest code for this GPU is PTX of an older arch leaves the cluster kernel a trap).
-// Cached per thread for the last device asked about.
-template <typename T>
-bool cluster_kernel_usable() {
-  thread_local int cached_device = -1;
-  thread_local bool usable = false;
-  int device = 0;
-  cudaGetDevice(&device);
-  if (device != cached_device) {
-    int clusters = 0;
-    cudaDeviceGetAttribute(&clusters, cudaDevAttrClusterLaunch, device);
-    cudaFuncAttributes attr{};
-    const bool found =
-        cudaFuncGetAttributes(&attr, cross_entropy_fused_cluster_kernel<T>) == cudaSuccess;
-    if (!found) cudaGetLastError();  // a failed query is not an error of the op
-    usable = clusters != 0 && found && attr.ptxVersion >= 90;
-    cached_device = device;
-  }
-  return usable;
-}
-
-// The cluster shape for a row of n_vec vectors: `size` CTAs of `threads` threads, or false when
-// the row is too short, too long or unaligned for it.
+// The cluster launch of the fused forward+backward, or false when the row does not suit it
+// (unaligned, too short, or too long to stage), the GPU has no clusters, or the binary's code for
+// this GPU predates sm_90 (where the kernel is a trap).
 template <typename T>
 bool launch_fused_cluster(const CrossEntropyFusedParams& p, cudaStream_t stream) {
   constexpr int VEC = kVec16<T>;
@@ -558,14 +602,25 @@ bool launch_fused_cluster(const CrossEntropyFusedParams& p, cudaStream_t stream)
     const int64_t n_vec = in.cols / VEC;
     const bool aligned = in.cols % VEC == 0 && in.row_stride % VEC == 0 && aligned16(in.logits) &&
                          aligned16(p.grad_logits);
-    if (!aligned || n_vec < kClusterMinVectors ||
-        n_vec > int64_t{kClusterMaxSize} * kClusterMaxThreads * kClusterVpt) {
+    const int64_t row_bytes = n_vec * 16;
+    const int size = static_cast<int>(
+        std::min<int64_t>(ceil_div(row_bytes, kClusterSliceBytes), kClusterMaxSize));
+    const int64_t per_cta = ceil_div(n_vec, size);
+    const size_t smem = static_cast<size_t>(kClusterStages) * per_cta * 16;
+    if (!aligned || n_vec < kClusterMinVectors || smem > kClusterMaxSmem || in.rows > INT_MAX) {
       return false;
     }
-    const int size = static_cast<int>(std::min<int64_t>(
-        ceil_div(n_vec, int64_t{kClusterTargetThreads} * kClusterVpt), kClusterMaxSize));
-    const int64_t threads = ceil_div(ceil_div(n_vec, size), 32 * kClusterVpt) * 32;
-    if (in.rows > INT_MAX / size || !cluster_kernel_usable<T>()) return false;
+    const auto kernel = cross_entropy_fused_cluster_kernel<T>;
+    int device = 0, clusters_supported = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&clusters_supported, cudaDevAttrClusterLaunch, device);
+    if (clusters_supported == 0 || !bulk_copy_compiled(kernel)) return false;
+    const int threads = static_cast<int>(
+        std::min<int64_t>(ceil_div(per_cta, 32 * kClusterVpt) * 32, kClusterMaxThreads));
+    // All of the SM's shared memory to the stages (two CTAs of 96 KB on Hopper).
+    cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                         cudaSharedmemCarveoutMaxShared);
+    prepare_blocks(kernel, threads, smem);
 
     cudaLaunchAttribute cluster_dim{};
     cluster_dim.id = cudaLaunchAttributeClusterDimension;
@@ -573,12 +628,20 @@ bool launch_fused_cluster(const CrossEntropyFusedParams& p, cudaStream_t stream)
     cluster_dim.val.clusterDim.y = 1;
     cluster_dim.val.clusterDim.z = 1;
     cudaLaunchConfig_t config{};
-    config.gridDim = dim3(static_cast<unsigned>(in.rows * size));
     config.blockDim = dim3(static_cast<unsigned>(threads));
+    config.dynamicSmemBytes = smem;
     config.stream = stream;
     config.attrs = &cluster_dim;
     config.numAttrs = 1;
-    cudaLaunchKernelEx(&config, cross_entropy_fused_cluster_kernel<T>, p);
+    config.gridDim = dim3(static_cast<unsigned>(size));
+    int resident = 0;
+    if (cudaOccupancyMaxActiveClusters(&resident, kernel, &config) != cudaSuccess) {
+      cudaGetLastError();  // a failed query is not an error of the op
+      return false;
+    }
+    const int64_t clusters = std::min<int64_t>(in.rows, std::max(resident, 1));
+    config.gridDim = dim3(static_cast<unsigned>(clusters * size));
+    cudaLaunchKernelEx(&config, kernel, p, static_cast<int>(per_cta));
     return true;
   }
 }

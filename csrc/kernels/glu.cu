@@ -291,8 +291,7 @@ void launch(const typename Op::Params& p, bool vectorize, cudaStream_t stream) {
   const int64_t vec_cols = vectorize ? p.cols - p.cols % VEC : 0;
   const size_t smem = vec_cols > 0 ? kStages * Op::kIn * kThreads * 16 : 0;
   const auto kernel = glu_kernel<Op>;
-  allow_dynamic_smem(kernel, smem);
-  const int64_t resident = resident_blocks(kernel, kThreads, smem);
+  const int64_t resident = prepare_blocks(kernel, kThreads, smem);
   const int64_t x_blocks = std::max(ceil_div(vec_cols / VEC, kThreads),
                                     ceil_div(p.cols - vec_cols, kThreads * kScalarUnroll));
   const int64_t grid_x = std::min(x_blocks, resident);

@@ -474,7 +474,7 @@ void gemv_typed(const NF4GemvParams& p, cudaStream_t stream) {
                                               static_cast<int64_t>(room / tile_bytes)}));
   const size_t smem = kLutBytes + tiles_per_round * tile_bytes;
   const auto kernel = nf4_gemv_kernel<T>;
-  allow_dynamic_smem(kernel, smem);
+  prepare_blocks(kernel, kGemvThreads, smem);
   kernel<<<static_cast<unsigned>(grid), kGemvThreads, smem, stream>>>(
       p, static_cast<int>(tiles_per_round));
 }

@@ -18,53 +18,77 @@ constexpr int kFwdUnroll = 2;
 constexpr int kBwdThreads = 512;
 constexpr int kBwdMinBlocks = 2;
 constexpr int kBwdUnroll = 2;
-// The Hopper backward: rows of x and dy (and dres) staged in shared memory by bulk copies
-// kBulkStages deep (a stage is refilled only after its row's pass 2, so three keep two rows in
-// flight); the weight and the dW/db partials of a thread's columns (kBulkMaxVpt vectors at most)
-// in registers.
+// The Hopper backward: rows of x and dy (and dres) staged in shared memory by bulk copies; the
+// weight and the dW/db partials of a thread's columns (kBulkMaxVpt vectors at most) in
+// registers. Without dres, pass 1 also moves the row into registers and its stage is refilled at
+// once, so two stages keep a row in flight behind the one being worked on. With dres (three
+// staged rows would not fit in registers beside the partials) pass 2 re-reads the stage, which is
+// refilled only after it: three stages keep two rows in flight.
 constexpr int kBulkThreads = 256;
-constexpr int kBulkMinBlocks = 2;
-constexpr int kBulkStages = 3;
 constexpr int kBulkMaxVpt = 4;
+template <bool kHold>
+constexpr int kBulkStages = kHold ? 2 : 3;
+// Blocks per SM the register budget must allow (four: 64 registers a thread, three: 80, two:
+// 128), as many as a thread's partials (dW, and db for LayerNorm) and row vectors leave room
+// for: fewer blocks keep too few rows in flight.
+template <NormKind K, int VPT>
+constexpr int kBulkMinBlocks = VPT == 1 ? 4 : VPT == 2 ? 3 : 2;
 // Above this, the backward's per-block partials live in the global workspace (L2) instead of
 // shared memory.
 constexpr size_t kMaxPartialSmem = 96 * 1024;
 
-// Merges a vector of N values into a running (count, mean, m2): the vector's own mean and
-// squared deviations first (one reciprocal per vector, not a division per value), then Chan's
-// pairwise update. Values are converted twice rather than held (fewer registers).
-template <typename A, typename T, int N>
-__device__ __forceinline__ void welford_merge(const Vec<T, N>& v, A& count, A& mean, A& m2) {
-  A sum = 0;
-#pragma unroll
-  for (int k = 0; k < N; ++k) sum += convert<A>(v.v[k]);
-  const A chunk_mean = sum * (A(1) / A(N));
-  A chunk_m2 = 0;
-#pragma unroll
-  for (int k = 0; k < N; ++k) {
-    const A d = convert<A>(v.v[k]) - chunk_mean;
-    chunk_m2 += d * d;
+// Chan's pairwise formula over a set of parts (count n_i, mean_i, m2_i), written as sums:
+// mean = sum(n_i mean_i) / sum(n_i), m2 = sum(m2_i + n_i (mean_i - mean)^2). Over the lanes of a
+// warp (each lane one part); every lane gets the result.
+template <typename A>
+__device__ __forceinline__ void warp_moments(A& n, A& mean, A& m2) {
+  const A total = warp_sum(n);
+  const A merged = total > A(0) ? warp_sum(n * mean) / total : A(0);
+  const A d = mean - merged;
+  m2 = warp_sum(m2 + n * d * d);
+  n = total;
+  mean = merged;
+}
+
+// The row's mean and m2 from its threads' (count, mean, m2): merged within each warp, then the
+// warps' parts by the group's first warp, whose result every thread reads. Every thread of the
+// row group must call it, once per kernel (the scratch is not released for reuse).
+template <typename A>
+__device__ __forceinline__ void row_group_moments(A count, A& mean, A& m2,
+                                                  A (&scratch)[3][kMaxRowGroups * 32]) {
+  warp_moments(count, mean, m2);
+  const int warps = blockDim.x / 32;
+  if (warps == 1) return;
+  const int lane = threadIdx.x % 32;
+  A* n_part = scratch[0] + threadIdx.y * 32;
+  A* mean_part = scratch[1] + threadIdx.y * 32;
+  A* m2_part = scratch[2] + threadIdx.y * 32;
+  if (lane == 0) {
+    n_part[threadIdx.x / 32] = count;
+    mean_part[threadIdx.x / 32] = mean;
+    m2_part[threadIdx.x / 32] = m2;
   }
-  const A before = count;
-  count += A(N);
-  // N / count as N times a correctly rounded reciprocal (N is a power of two: the same value),
-  // which unlike a division has no slow path to hold registers in the loop.
-  A share;
-  if constexpr (std::is_same_v<A, float>) {
-    share = A(N) * __frcp_rn(count);
-  } else {
-    share = A(N) * __drcp_rn(count);
+  row_group_sync();
+  if (threadIdx.x < 32) {
+    A n = lane < warps ? n_part[lane] : A(0);
+    A part_mean = lane < warps ? mean_part[lane] : A(0);
+    A part_m2 = lane < warps ? m2_part[lane] : A(0);
+    warp_moments(n, part_mean, part_m2);  // its shuffles follow every lane's reads
+    if (lane == 0) {
+      mean_part[0] = part_mean;
+      m2_part[0] = part_m2;
+    }
   }
-  const A delta = chunk_mean - mean;
-  mean += delta * share;
-  m2 += chunk_m2 + delta * delta * before * share;
+  row_group_sync();
+  mean = mean_part[0];
+  m2 = m2_part[0];
 }
 
 template <typename T, typename W, int VEC>
 __global__ void __launch_bounds__(kFwdThreads, kFwdMinBlocks)
 layer_norm_fwd_kernel(const LayerNormFwdParams p) {
   using A = acc_t<T>;
-  __shared__ A scratch[kMaxRowGroups * 32];
+  __shared__ A scratch[3][kMaxRowGroups * 32];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool valid = row < p.rows;
   const int64_t n_vec = p.cols / VEC;
@@ -74,27 +98,53 @@ layer_norm_fwd_kernel(const LayerNormFwdParams p) {
   const W* b = static_cast<const W*>(p.bias);
   T* y = static_cast<T*>(p.y) + (valid ? row : 0) * p.cols;
 
+  // Welford over chunks of kFwdUnroll vectors: a chunk's own mean and squared deviations from
+  // registers, then one merge into the thread's running (count, mean, m2).
   A count = 0, mean = 0, m2 = 0;
   for (int64_t base = threadIdx.x; valid && base < n_vec; base += stride) {
     Vec<T, VEC> xv[kFwdUnroll] = {};  // zeroed: a maybe-unloaded vector is otherwise spilled
+    int loaded = 0;
 #pragma unroll
     for (int u = 0; u < kFwdUnroll; ++u) {
       const int64_t j = base + u * blockDim.x;
-      if (j < n_vec) xv[u] = load_vec<T, VEC>(x + j * VEC);
+      if (j < n_vec) {
+        xv[u] = load_vec<T, VEC>(x + j * VEC);
+        ++loaded;
+      }
     }
+    A xf[kFwdUnroll][VEC];
+    A sum = 0;
 #pragma unroll
     for (int u = 0; u < kFwdUnroll; ++u) {
-      if (base + u * blockDim.x < n_vec) welford_merge(xv[u], count, mean, m2);
+      to_acc(xv[u], xf[u]);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) sum += xf[u][k];  // unloaded vectors are zeros
     }
+    const A chunk_count = A(loaded * VEC);
+    const A chunk_mean = sum / chunk_count;
+    A chunk_m2 = 0;
+#pragma unroll
+    for (int u = 0; u < kFwdUnroll; ++u) {
+      if (u < loaded) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const A d = xf[u][k] - chunk_mean;
+          chunk_m2 += d * d;
+        }
+      }
+    }
+    const A before = count;
+    count += chunk_count;
+    const A share = chunk_count / count;
+    const A delta = chunk_mean - mean;
+    mean += delta * share;
+    m2 += chunk_m2 + delta * delta * before * share;
   }
-  // The row's mean from the threads' sums, then every thread's m2 moved to it (Chan's formula).
-  const A row_mean = row_group_sum(count * mean, scratch) / A(p.cols);
-  const A shift = mean - row_mean;
-  const A var = row_group_sum(m2 + count * shift * shift, scratch) / A(p.cols);
-  const A rstd = rsqrt_acc(var + A(p.eps));
+  row_group_moments(count, mean, m2, scratch);
+  const A rstd = rsqrt_acc(m2 / A(p.cols) + A(p.eps));
   if (!valid) return;
   if (threadIdx.x == 0) {
-    static_cast<A*>(p.mean)[row] = row_mean;
+    static_cast<A*>(p.mean)[row] = mean;
     static_cast<A*>(p.rstd)[row] = rstd;
   }
   // The second pass hits L1: one vector at a time keeps registers (and so occupancy) for pass 1.
@@ -105,7 +155,7 @@ layer_norm_fwd_kernel(const LayerNormFwdParams p) {
     to_acc(load_vec<W, VEC>(w + j * VEC), wf);
     if (b != nullptr) to_acc(load_vec<W, VEC>(b + j * VEC), bf);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) out[k] = (xf[k] - row_mean) * rstd * wf[k] + bf[k];
+    for (int k = 0; k < VEC; ++k) out[k] = (xf[k] - mean) * rstd * wf[k] + bf[k];
     store_vec<T, VEC>(y + j * VEC, from_acc<T>(out));
   }
 }
@@ -311,27 +361,27 @@ norm_bwd_kernel(const NormBwdParams p, bool partial_in_smem) {
 
 // The backward on Hopper, for aligned rows of at most kBulkThreads * kBulkMaxVpt vectors. One
 // row group per block walks rows blockIdx.x, blockIdx.x + gridDim.x, ...; thread 0 keeps the
-// next kBulkStages rows of x, dy (and dres) in flight as bulk copies. Same math as
-// norm_bwd_kernel. Pass 2 re-reads the staged row rather than holding it in registers (beside
-// the dW and db partials that would spill), so a stage is refilled only after pass 2.
-template <NormKind K, typename T, typename W, typename O, int VPT>
-__global__ void __launch_bounds__(kBulkThreads, kBulkMinBlocks)
+// next rows of x, dy (and dres) in flight as bulk copies. Same math as norm_bwd_kernel. kHold
+// (no dres): pass 2 takes the row from registers and the stage is refilled between the passes;
+// otherwise pass 2 re-reads the stage, and it is refilled after pass 2.
+template <NormKind K, typename T, typename W, typename O, int VPT, bool kHold>
+__global__ void __launch_bounds__(kBulkThreads, kBulkMinBlocks<K, VPT>)
 norm_bwd_bulk_kernel(const NormBwdParams p) {
   constexpr bool kLayer = K == NormKind::kLayerNorm;
+  constexpr int kStages = kBulkStages<kHold>;
   using A = acc_t<T>;
   constexpr int VEC = kVec16<T>;
   extern __shared__ __align__(128) unsigned char stage_bytes[];
-  __shared__ uint64_t full[kBulkStages];
+  __shared__ uint64_t full[kStages];
   __shared__ A red[2][32];
   const int64_t n_vec = p.cols / VEC;
-  const bool has_dres = !kLayer && p.dres != nullptr;
   const bool has_db = kLayer && p.db != nullptr;
   const uint32_t x_bytes = static_cast<uint32_t>(p.cols * sizeof(T));
   const uint32_t dy_bytes = static_cast<uint32_t>(p.cols * sizeof(O));
-  const uint32_t dres_bytes = has_dres ? x_bytes : 0;
+  const uint32_t dres_bytes = kHold ? 0 : x_bytes;
   T* x_stage = reinterpret_cast<T*>(stage_bytes);
-  O* dy_stage = reinterpret_cast<O*>(stage_bytes + kBulkStages * x_bytes);
-  T* dres_stage = reinterpret_cast<T*>(stage_bytes + kBulkStages * (x_bytes + dy_bytes));
+  O* dy_stage = reinterpret_cast<O*>(stage_bytes + kStages * x_bytes);
+  T* dres_stage = reinterpret_cast<T*>(stage_bytes + kStages * (x_bytes + dy_bytes));
   const A* mean_in = static_cast<const A*>(p.mean);
   const A* rstd_in = static_cast<const A*>(p.rstd);
   const A w_shift = !kLayer && p.gemma ? A(1) : A(0);
@@ -345,18 +395,23 @@ norm_bwd_bulk_kernel(const NormBwdParams p) {
                         x_bytes, &full[s]);
     bulk_copy_to_shared(dy_stage + s * p.cols,
                         static_cast<const O*>(p.dy) + row * p.dy_row_stride, dy_bytes, &full[s]);
-    if (has_dres) {
+    if constexpr (!kHold) {
       bulk_copy_to_shared(dres_stage + s * p.cols,
                           static_cast<const T*>(p.dres) + row * p.dres_row_stride, dres_bytes,
                           &full[s]);
     }
   };
+  // Called by every thread once all are done with stage s: the row kStages on takes it.
+  const auto refill = [&](int s, int64_t row) {
+    const int64_t next = row + static_cast<int64_t>(kStages) * gridDim.x;
+    if (threadIdx.x == 0 && next < p.rows) fetch(s, next);
+  };
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kBulkStages; ++s) mbarrier_init(&full[s], 1);
+    for (int s = 0; s < kStages; ++s) mbarrier_init(&full[s], 1);
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kBulkStages; ++s) {
+    for (int s = 0; s < kStages; ++s) {
       const int64_t row = blockIdx.x + static_cast<int64_t>(s) * gridDim.x;
       if (row < p.rows) fetch(s, row);
     }
@@ -376,21 +431,40 @@ norm_bwd_bulk_kernel(const NormBwdParams p) {
   }
   int iter = 0;
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x, ++iter) {
-    const int s = iter % kBulkStages;
+    const int s = iter % kStages;
     const T* xs = x_stage + s * p.cols;
     const O* dys = dy_stage + s * p.cols;
-    const T* dres = dres_stage + s * p.cols;
     const A rstd = rstd_in[row];
     const A mean = kLayer ? mean_in[row] : A(0);
-    mbarrier_wait(&full[s], (iter / kBulkStages) & 1);
+    mbarrier_wait(&full[s], (iter / kStages) & 1);
+    Vec<T, VEC> xv[kHold ? VPT : 1] = {};
+    Vec<O, VEC> gv[kHold ? VPT : 1] = {};
+    const auto x_at = [&](int i, int64_t j) {
+      if constexpr (kHold) {
+        return xv[i];
+      } else {
+        return load_vec<T, VEC>(xs + j * VEC);
+      }
+    };
+    const auto dy_at = [&](int i, int64_t j) {
+      if constexpr (kHold) {
+        return gv[i];
+      } else {
+        return load_vec<O, VEC>(dys + j * VEC);
+      }
+    };
     A dot = 0, gsum = 0;
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
       const int64_t j = static_cast<int64_t>(i) * blockDim.x + threadIdx.x;
       if (j < n_vec) {
+        if constexpr (kHold) {
+          xv[i] = load_vec<T, VEC>(xs + j * VEC);
+          gv[i] = load_vec<O, VEC>(dys + j * VEC);
+        }
         A xf[VEC], g[VEC], wf[VEC];
-        to_acc(load_vec<T, VEC>(xs + j * VEC), xf);
-        to_acc(load_vec<O, VEC>(dys + j * VEC), g);
+        to_acc(x_at(i, j), xf);
+        to_acc(dy_at(i, j), g);
         to_acc(wv[i], wf);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
@@ -407,6 +481,7 @@ norm_bwd_bulk_kernel(const NormBwdParams p) {
       red[1][threadIdx.x / 32] = gsum;
     }
     __syncthreads();
+    if constexpr (kHold) refill(s, row);
     A dot_total = 0, gsum_total = 0;
     for (int w = 0; w < warps; ++w) {
       dot_total += red[0][w];
@@ -420,17 +495,17 @@ norm_bwd_bulk_kernel(const NormBwdParams p) {
       const int64_t j = static_cast<int64_t>(i) * blockDim.x + threadIdx.x;
       if (j < n_vec) {
         A xf[VEC], dyf[VEC], wf[VEC], out[VEC], xhat[VEC];
-        to_acc(load_vec<T, VEC>(xs + j * VEC), xf);
-        to_acc(load_vec<O, VEC>(dys + j * VEC), dyf);
+        to_acc(x_at(i, j), xf);
+        to_acc(dy_at(i, j), dyf);
         to_acc(wv[i], wf);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           out[k] = rstd * dyf[k] * (wf[k] + w_shift) - c_g - c_x * (xf[k] - mean);
           xhat[k] = (xf[k] - mean) * rstd;
         }
-        if (has_dres) {
+        if constexpr (!kHold) {
           A rf[VEC];
-          to_acc(load_vec<T, VEC>(dres + j * VEC), rf);
+          to_acc(load_vec<T, VEC>(dres_stage + s * p.cols + j * VEC), rf);
 #pragma unroll
           for (int k = 0; k < VEC; ++k) out[k] += rf[k];
         }
@@ -443,11 +518,8 @@ norm_bwd_bulk_kernel(const NormBwdParams p) {
         }
       }
     }
-    __syncthreads();  // every thread is done with stage s and red: refill s, row after next
-    if (threadIdx.x == 0) {
-      const int64_t next = row + static_cast<int64_t>(kBulkStages) * gridDim.x;
-      if (next < p.rows) fetch(s, next);
-    }
+    __syncthreads();  // every thread is done with red (and, without kHold, with stage s)
+    if constexpr (!kHold) refill(s, row);
   }
   A* dw_partial = static_cast<A*>(p.partial) + static_cast<int64_t>(blockIdx.x) * p.cols;
   A* db_partial = dw_partial + static_cast<int64_t>(gridDim.x) * p.cols;
@@ -463,36 +535,20 @@ norm_bwd_bulk_kernel(const NormBwdParams p) {
   }
 }
 
-// dW and db from the workspace's per-block partial rows in one launch (blockIdx.y picks the
-// slab; a second launch costs about as much as the sums): core's column_sum_kernel for two
-// outputs, out[c] = sum over the rows of column c in a fixed order (deterministic).
-template <typename A, typename W>
-__global__ void column_sums_kernel(const A* __restrict__ partial, int64_t rows, int64_t cols,
-                                   W* __restrict__ dw, W* __restrict__ db) {
-  __shared__ A part[8][33];
-  const A* slab = partial + blockIdx.y * rows * cols;
-  W* out = blockIdx.y == 0 ? dw : db;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
-  A acc = 0;
-  if (c < cols) {
-    for (int64_t r = threadIdx.y; r < rows; r += 8) acc += slab[r * cols + c];
-  }
-  part[threadIdx.y][threadIdx.x] = acc;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < cols) {
-    A total = 0;
-#pragma unroll
-    for (int r = 0; r < 8; ++r) total += part[r][threadIdx.x];
-    out[c] = convert<W>(total);
-  }
-}
-
+// Calls f(vpt_c, hold_c): the bulk kernel's vectors per thread and kHold as constants.
 template <typename F>
-void dispatch_bulk_vpt(int vpt, F&& f) {
-  switch (vpt) {
-    case 1: f(std::integral_constant<int, 1>{}); return;
-    case 2: f(std::integral_constant<int, 2>{}); return;
-    default: f(std::integral_constant<int, kBulkMaxVpt>{}); return;
+void dispatch_bulk(int vpt, bool hold, F&& f) {
+  const auto with_vpt = [&](auto hold_c) {
+    switch (vpt) {
+      case 1: f(std::integral_constant<int, 1>{}, hold_c); return;
+      case 2: f(std::integral_constant<int, 2>{}, hold_c); return;
+      default: f(std::integral_constant<int, kBulkMaxVpt>{}, hold_c); return;
+    }
+  };
+  if (hold) {
+    with_vpt(std::true_type{});
+  } else {
+    with_vpt(std::false_type{});
   }
 }
 
@@ -560,14 +616,14 @@ BwdShape bwd_shape(const NormBwdParams& p) {
   if (vec > 1 && n_vec <= kBulkThreads * kBulkMaxVpt) {
     const int vpt = n_vec <= kBulkThreads ? 1 : (n_vec <= 2 * kBulkThreads ? 2 : 4);
     const int tx = static_cast<int>(ceil_div(n_vec, 32 * vpt) * 32);
-    const size_t dres_size = p.dres != nullptr ? sizeof(T) : 0;
-    const size_t smem = kBulkStages * p.cols * (sizeof(T) + sizeof(O) + dres_size);
+    const bool hold = p.dres == nullptr;
+    const size_t row_bytes = p.cols * (sizeof(T) + sizeof(O) + (hold ? 0 : sizeof(T)));
+    const size_t smem = (hold ? kBulkStages<true> : kBulkStages<false>) * row_bytes;
     int64_t resident = 0;
-    dispatch_bulk_vpt(vpt, [&](auto vpt_c) {
-      const auto kernel = norm_bwd_bulk_kernel<K, T, W, O, vpt_c.value>;
+    dispatch_bulk(vpt, hold, [&](auto vpt_c, auto hold_c) {
+      const auto kernel = norm_bwd_bulk_kernel<K, T, W, O, vpt_c.value, hold_c.value>;
       if (bulk_copy_compiled(kernel)) {
-        allow_dynamic_smem(kernel, smem);
-        resident = resident_blocks(kernel, tx, smem);
+        resident = prepare_blocks(kernel, tx, smem);
       }
     });
     if (resident > 0) {
@@ -584,8 +640,7 @@ BwdShape bwd_shape(const NormBwdParams& p) {
   int64_t resident = 0;
   dispatch_vec<kVec16<T>>(vec, [&](auto vec_c) {
     const auto kernel = norm_bwd_kernel<K, T, W, O, vec_c.value>;
-    allow_dynamic_smem(kernel, smem);
-    resident = resident_blocks(kernel, plan.threads_x * plan.rows_per_block, smem);
+    resident = prepare_blocks(kernel, plan.threads_x * plan.rows_per_block, smem);
   });
   const int64_t needed = ceil_div(p.rows, plan.rows_per_block);
   return {plan, 0, needed < resident ? needed : resident, smem};
@@ -596,8 +651,8 @@ void bwd_typed(const NormBwdParams& p, cudaStream_t stream) {
   const BwdShape shape = bwd_shape<K, T, W, O>(p);
   const auto grid = static_cast<unsigned>(shape.grid);
   if (shape.bulk_vpt > 0) {
-    dispatch_bulk_vpt(shape.bulk_vpt, [&](auto vpt_c) {
-      norm_bwd_bulk_kernel<K, T, W, O, vpt_c.value>
+    dispatch_bulk(shape.bulk_vpt, p.dres == nullptr, [&](auto vpt_c, auto hold_c) {
+      norm_bwd_bulk_kernel<K, T, W, O, vpt_c.value, hold_c.value>
           <<<grid, shape.plan.threads_x, shape.smem, stream>>>(p);
     });
   } else {
@@ -607,10 +662,9 @@ void bwd_typed(const NormBwdParams& p, cudaStream_t stream) {
           p, shape.smem > 0);
     });
   }
-  const int slabs = p.db != nullptr ? 2 : 1;
-  column_sums_kernel<<<dim3(static_cast<unsigned>(ceil_div(p.cols, 32)), slabs), dim3(32, 8), 0,
-                       stream>>>(static_cast<const acc_t<T>*>(p.partial), shape.grid, p.cols,
-                                 static_cast<W*>(p.dw), static_cast<W*>(p.db));
+  // dW (and db) from the workspace's per-block partial rows.
+  launch_column_sums(static_cast<const acc_t<T>*>(p.partial), shape.grid, p.cols,
+                     static_cast<W*>(p.dw), static_cast<W*>(p.db), stream);
 }
 
 template <typename F>
