@@ -797,7 +797,7 @@ def mlp_peak_bound(tokens, hidden, inter, ranks, elem, buffer_numel):
     rows = -(-tokens // count)
     saved = tokens * mlp_saved_bytes_per_token(hidden, inter, ranks, elem)
     r = sum(ranks)
-    eps = 4 * elem * tokens * r + 16 * r * (2 * hidden + inter) + 16 * (2 * inter + hidden)
+    eps = 6 * elem * tokens * r + 16 * r * (2 * hidden + inter) + 16 * (2 * inter + hidden)
     inputs = elem * tokens * hidden  # X is saved but allocated before
     output = elem * tokens * hidden
     return (saved - inputs + output + elem * (rows * inter + tokens * hidden)
