@@ -64,6 +64,10 @@ def buildable_archs(cuda_home):
 
 
 def git_sha():
+    """UNSLOTH_EXT_GIT_SHA when set (builds from a copy of the tree without its history), else
+    the checkout's HEAD."""
+    if os.environ.get("UNSLOTH_EXT_GIT_SHA"):
+        return os.environ["UNSLOTH_EXT_GIT_SHA"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()

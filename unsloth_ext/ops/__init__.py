@@ -23,11 +23,11 @@ KERNEL_OPS = {
     "rope": ("rope_fwd", "rope_bwd"),
 }
 
-__all__ = ["KERNEL_OPS", "rms_norm", "rms_norm_reference"]
-__all__ += ["layer_norm", "layer_norm_reference", "add_rms_norm", "add_rms_norm_reference"]
-__all__ += ["nf4_dequantize", "nf4_gemv"]
-__all__ += ["LinearCrossEntropy", "cross_entropy", "cross_entropy_reference",
-            "fused_linear_cross_entropy"]
-__all__ += ["geglu", "geglu_backward_", "geglu_reference", "swiglu", "swiglu_backward_",
-            "swiglu_reference"]
-__all__ += ["apply_rope_", "apply_rope_reference", "rope_cache"]
+__all__ = [
+    "KERNEL_OPS",
+    "LinearCrossEntropy", "add_rms_norm", "add_rms_norm_reference", "apply_rope_",
+    "apply_rope_reference", "cross_entropy", "cross_entropy_reference",
+    "fused_linear_cross_entropy", "geglu", "geglu_backward_", "geglu_reference", "layer_norm",
+    "layer_norm_reference", "nf4_dequantize", "nf4_gemv", "rms_norm", "rms_norm_reference",
+    "rope_cache", "swiglu", "swiglu_backward_", "swiglu_reference",
+]
