@@ -27,26 +27,81 @@ int sm_count() {
   return device_attribute(cudaDevAttrMultiProcessorCount, device, value);
 }
 
+namespace {
+
+// Launch queries cached per (kernel, device, shape), under one lock.
+struct LaunchCache {
+  std::mutex mutex;
+  std::map<std::tuple<const void*, int, int, size_t, int>, int64_t> resident;
+  std::map<std::pair<const void*, int>, size_t> allowed_smem;
+
+  // Raises the kernel's dynamic shared memory limit to `bytes` where the opt-in is needed; only
+  // ever raised, as a launch cached earlier may need more than this one.
+  void allow_smem(const void* kernel, int device, size_t bytes) {
+    size_t& allowed = allowed_smem[{kernel, device}];
+    if (bytes > 32 * 1024 && bytes > allowed) {
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(bytes));
+      allowed = bytes;
+    }
+  }
+};
+
+LaunchCache& launch_cache() {
+  static LaunchCache cache;
+  return cache;
+}
+
+}  // namespace
+
 int64_t prepare_blocks(const void* kernel, int threads, size_t dynamic_smem) {
-  static std::mutex mutex;
-  static std::map<std::tuple<const void*, int, int, size_t>, int64_t> blocks;
-  static std::map<std::pair<const void*, int>, size_t> allowed_smem;
+  LaunchCache& cache = launch_cache();
   int device = 0;
   cudaGetDevice(&device);
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(kernel, device, threads, dynamic_smem);
-  if (const auto it = blocks.find(key); it != blocks.end()) return it->second;
-  // Only ever raised: a launch cached earlier may need more than this one.
-  size_t& allowed = allowed_smem[{kernel, device}];
-  if (dynamic_smem > 32 * 1024 && dynamic_smem > allowed) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         static_cast<int>(dynamic_smem));
-    allowed = dynamic_smem;
-  }
+  const std::lock_guard<std::mutex> lock(cache.mutex);
+  const auto key = std::make_tuple(kernel, device, threads, dynamic_smem, 0);
+  if (const auto it = cache.resident.find(key); it != cache.resident.end()) return it->second;
+  cache.allow_smem(kernel, device, dynamic_smem);
   int per_sm = 0;
   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, dynamic_smem);
   const int64_t total = static_cast<int64_t>(sm_count()) * std::max(per_sm, 1);
-  blocks.emplace(key, total);
+  cache.resident.emplace(key, total);
+  return total;
+}
+
+int64_t prepare_clusters(const void* kernel, int threads, size_t dynamic_smem, int cluster_size) {
+  LaunchCache& cache = launch_cache();
+  int device = 0;
+  cudaGetDevice(&device);
+  const std::lock_guard<std::mutex> lock(cache.mutex);
+  const auto key = std::make_tuple(kernel, device, threads, dynamic_smem, cluster_size);
+  if (const auto it = cache.resident.find(key); it != cache.resident.end()) return it->second;
+  int64_t total = 0;
+  int supported = 0;
+  cudaDeviceGetAttribute(&supported, cudaDevAttrClusterLaunch, device);
+  if (supported != 0) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                         cudaSharedmemCarveoutMaxShared);
+    cache.allow_smem(kernel, device, dynamic_smem);
+    cudaLaunchAttribute cluster_dim{};
+    cluster_dim.id = cudaLaunchAttributeClusterDimension;
+    cluster_dim.val.clusterDim.x = static_cast<unsigned>(cluster_size);
+    cluster_dim.val.clusterDim.y = 1;
+    cluster_dim.val.clusterDim.z = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(static_cast<unsigned>(cluster_size));
+    config.blockDim = dim3(static_cast<unsigned>(threads));
+    config.dynamicSmemBytes = dynamic_smem;
+    config.attrs = &cluster_dim;
+    config.numAttrs = 1;
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess) {
+      total = clusters;
+    } else {
+      cudaGetLastError();  // a failed query is not an error of the caller
+    }
+  }
+  cache.resident.emplace(key, total);
   return total;
 }
 

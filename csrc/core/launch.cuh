@@ -85,6 +85,11 @@ int64_t prepare_blocks(Kernel kernel, int threads, size_t dynamic_smem) {
   return prepare_blocks(reinterpret_cast<const void*>(kernel), threads, dynamic_smem);
 }
 
+// The cluster counterpart of prepare_blocks, for clusters of `cluster_size` CTAs that take all
+// of the SM's shared memory the carveout allows: how many clusters fit on the current device at
+// once, or 0 when it cannot launch them. Cached the same way.
+int64_t prepare_clusters(const void* kernel, int threads, size_t dynamic_smem, int cluster_size);
+
 // The PTX version `kernel` was compiled from for the current device (90: sm_90), or 0 when it
 // has no code for it. Cached per (kernel, device).
 int kernel_ptx_version(const void* kernel);

@@ -344,6 +344,23 @@ struct RowGrad {
   }
 };
 
+// A row's loss, lse - target, from its label's z and its sum of z (for label smoothing).
+template <typename A>
+__device__ __forceinline__ A row_loss(const CrossEntropyRows& in, A lse, A z_label, A zsum) {
+  const A eps = A(in.label_smoothing);
+  return lse - (A(1) - eps) * z_label - eps / A(in.vocab_size) * zsum;
+}
+
+// Writes the gradient of a row group's row x into grad (which may be x itself).
+template <typename T, typename A>
+__device__ void write_row_grad(T* grad, const T* x, int64_t cols, const RowGrad<A>& rg,
+                               const LogitMap<A>& f) {
+  visit_row<kVec16<T>>(x, cols, [&](const auto& v, int64_t col) {
+    constexpr int N = VecLen<std::decay_t<decltype(v)>>::value;
+    store_vec<T, N>(grad + col, rg.of(v, col, f));
+  });
+}
+
 // The merged logsumexp state of a row group's row.
 template <typename T, typename A>
 __device__ LseState<A> row_stats(const T* x, int64_t cols, const LogitMap<A>& f, bool smoothing,
@@ -403,11 +420,7 @@ cross_entropy_bwd_kernel(const CrossEntropyBwdParams p) {
     const RowGrad<A> rg(in, static_cast<const A*>(p.lse)[row],
                         static_cast<const A*>(p.grad_lse)[row],
                         static_cast<const A*>(p.grad_target)[row], label.col);
-    const T* x = static_cast<const T*>(in.logits) + row * in.row_stride;
-    visit_row<kVec16<T>>(x, in.cols, [&](const auto& v, int64_t col) {
-      constexpr int N = VecLen<std::decay_t<decltype(v)>>::value;
-      store_vec<T, N>(grad + col, rg.of(v, col, f));
-    });
+    write_row_grad(grad, static_cast<const T*>(in.logits) + row * in.row_stride, in.cols, rg, f);
   }
 }
 
@@ -421,7 +434,6 @@ cross_entropy_fused_rows_kernel(const CrossEntropyFusedParams p) {
   const CrossEntropyRows& in = p.in;
   const LogitMap<A> f(in);
   const bool smoothing = in.label_smoothing > 0;
-  const A eps = A(in.label_smoothing);
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; row < in.rows;
        row += static_cast<int64_t>(gridDim.x) * blockDim.y) {
     const RowLabel label = row_label(in, row);
@@ -436,13 +448,10 @@ cross_entropy_fused_rows_kernel(const CrossEntropyFusedParams p) {
       // Every thread has read the row before any gradient overwrites it (grad may be x).
       row_group_sync();
       const A lse = st.lse();
-      loss = lse - (A(1) - eps) * f.z(x_label) - eps / A(in.vocab_size) * st.zsum;
+      loss = row_loss(in, lse, f.z(x_label), st.zsum);
       const A scale = static_cast<const A*>(p.grad_scale)[row];
       const RowGrad<A> rg(in, lse, scale, -scale, label.col);  // loss = lse - target
-      visit_row<kVec16<T>>(x, in.cols, [&](const auto& v, int64_t col) {
-        constexpr int N = VecLen<std::decay_t<decltype(v)>>::value;
-        store_vec<T, N>(grad + col, rg.of(v, col, f));
-      });
+      write_row_grad(grad, x, in.cols, rg, f);
     }
     if (threadIdx.x == 0) static_cast<A*>(p.loss)[row] = loss;
   }
@@ -486,7 +495,6 @@ cross_entropy_fused_cluster_kernel(const CrossEntropyFusedParams p, int per_cta)
   float* loss = static_cast<float*>(p.loss);
   const LogitMap<A> f(in);
   const bool smoothing = in.label_smoothing > 0;
-  const A eps = A(in.label_smoothing);
 
   const auto row_of = [&](int64_t n) { return first_row + n * clusters; };
   const auto stage_of = [&](int64_t n) {
@@ -552,11 +560,7 @@ cross_entropy_fused_cluster_kernel(const CrossEntropyFusedParams p, int per_cta)
     const T* x = stage_of(n);
     T* grad = static_cast<T*>(p.grad_logits) + row * in.row_stride + first_col;
     if (label.ignored || label.invalid) {
-      Vec<T, VEC> fill;
-      const T value = convert<T>(label.ignored ? A(0) : nan_acc<A>());
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) fill.v[k] = value;
-      for (int j = threadIdx.x; j < count; j += blockDim.x) store_vec<T, VEC>(grad + j * VEC, fill);
+      fill_row<VEC>(grad, int64_t{count} * VEC, convert<T>(label.ignored ? A(0) : nan_acc<A>()));
       if (rank == 0 && threadIdx.x == 0) loss[row] = label.ignored ? A(0) : nan_acc<A>();
     } else {
       const int64_t label_k = label.col - first_col;  // the label's column in the slice
@@ -567,8 +571,7 @@ cross_entropy_fused_cluster_kernel(const CrossEntropyFusedParams p, int per_cta)
         store_vec<T, VEC>(grad + j * VEC, rg.of(load_vec<T, VEC>(x + j * VEC), j * VEC, f));
       }
       if (threadIdx.x == 0 && label_k >= 0 && label_k < count * VEC) {
-        loss[row] = lse - (A(1) - eps) * f.z(convert<A>(x[label_k])) -
-                    eps / A(in.vocab_size) * row_state.zsum;
+        loss[row] = row_loss(in, lse, f.z(convert<A>(x[label_k])), row_state.zsum);
       }
     }
     __syncthreads();  // every thread is done with row n's stage: refill it
@@ -611,16 +614,12 @@ bool launch_fused_cluster(const CrossEntropyFusedParams& p, cudaStream_t stream)
       return false;
     }
     const auto kernel = cross_entropy_fused_cluster_kernel<T>;
-    int device = 0, clusters_supported = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&clusters_supported, cudaDevAttrClusterLaunch, device);
-    if (clusters_supported == 0 || !bulk_copy_compiled(kernel)) return false;
+    if (!bulk_copy_compiled(kernel)) return false;
     const int threads = static_cast<int>(
         std::min<int64_t>(ceil_div(per_cta, 32 * kClusterVpt) * 32, kClusterMaxThreads));
-    // All of the SM's shared memory to the stages (two CTAs of 96 KB on Hopper).
-    cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                         cudaSharedmemCarveoutMaxShared);
-    prepare_blocks(kernel, threads, smem);
+    const int64_t resident =
+        prepare_clusters(reinterpret_cast<const void*>(kernel), threads, smem, size);
+    if (resident == 0) return false;
 
     cudaLaunchAttribute cluster_dim{};
     cluster_dim.id = cudaLaunchAttributeClusterDimension;
@@ -628,19 +627,12 @@ bool launch_fused_cluster(const CrossEntropyFusedParams& p, cudaStream_t stream)
     cluster_dim.val.clusterDim.y = 1;
     cluster_dim.val.clusterDim.z = 1;
     cudaLaunchConfig_t config{};
+    config.gridDim = dim3(static_cast<unsigned>(std::min(in.rows, resident) * size));
     config.blockDim = dim3(static_cast<unsigned>(threads));
     config.dynamicSmemBytes = smem;
     config.stream = stream;
     config.attrs = &cluster_dim;
     config.numAttrs = 1;
-    config.gridDim = dim3(static_cast<unsigned>(size));
-    int resident = 0;
-    if (cudaOccupancyMaxActiveClusters(&resident, kernel, &config) != cudaSuccess) {
-      cudaGetLastError();  // a failed query is not an error of the op
-      return false;
-    }
-    const int64_t clusters = std::min<int64_t>(in.rows, std::max(resident, 1));
-    config.gridDim = dim3(static_cast<unsigned>(clusters * size));
     cudaLaunchKernelEx(&config, kernel, p, static_cast<int>(per_cta));
     return true;
   }

@@ -31,7 +31,7 @@ constexpr int kBulkStages = kHold ? 2 : 3;
 // Blocks per SM the register budget must allow (four: 64 registers a thread, three: 80, two:
 // 128), as many as a thread's partials (dW, and db for LayerNorm) and row vectors leave room
 // for: fewer blocks keep too few rows in flight.
-template <NormKind K, int VPT>
+template <int VPT>
 constexpr int kBulkMinBlocks = VPT == 1 ? 4 : VPT == 2 ? 3 : 2;
 // Above this, the backward's per-block partials live in the global workspace (L2) instead of
 // shared memory.
@@ -365,7 +365,7 @@ norm_bwd_kernel(const NormBwdParams p, bool partial_in_smem) {
 // (no dres): pass 2 takes the row from registers and the stage is refilled between the passes;
 // otherwise pass 2 re-reads the stage, and it is refilled after pass 2.
 template <NormKind K, typename T, typename W, typename O, int VPT, bool kHold>
-__global__ void __launch_bounds__(kBulkThreads, kBulkMinBlocks<K, VPT>)
+__global__ void __launch_bounds__(kBulkThreads, kBulkMinBlocks<VPT>)
 norm_bwd_bulk_kernel(const NormBwdParams p) {
   constexpr bool kLayer = K == NormKind::kLayerNorm;
   constexpr int kStages = kBulkStages<kHold>;
@@ -535,8 +535,9 @@ norm_bwd_bulk_kernel(const NormBwdParams p) {
   }
 }
 
-// Calls f(vpt_c, hold_c): the bulk kernel's vectors per thread and kHold as constants.
-template <typename F>
+// Calls f(vpt_c, hold_c): the bulk kernel's vectors per thread and kHold as constants. kHold
+// is p.dres == nullptr, always so for LayerNorm.
+template <NormKind K, typename F>
 void dispatch_bulk(int vpt, bool hold, F&& f) {
   const auto with_vpt = [&](auto hold_c) {
     switch (vpt) {
@@ -545,7 +546,9 @@ void dispatch_bulk(int vpt, bool hold, F&& f) {
       default: f(std::integral_constant<int, kBulkMaxVpt>{}, hold_c); return;
     }
   };
-  if (hold) {
+  if constexpr (K == NormKind::kLayerNorm) {
+    with_vpt(std::true_type{});
+  } else if (hold) {
     with_vpt(std::true_type{});
   } else {
     with_vpt(std::false_type{});
@@ -620,7 +623,7 @@ BwdShape bwd_shape(const NormBwdParams& p) {
     const size_t row_bytes = p.cols * (sizeof(T) + sizeof(O) + (hold ? 0 : sizeof(T)));
     const size_t smem = (hold ? kBulkStages<true> : kBulkStages<false>) * row_bytes;
     int64_t resident = 0;
-    dispatch_bulk(vpt, hold, [&](auto vpt_c, auto hold_c) {
+    dispatch_bulk<K>(vpt, hold, [&](auto vpt_c, auto hold_c) {
       const auto kernel = norm_bwd_bulk_kernel<K, T, W, O, vpt_c.value, hold_c.value>;
       if (bulk_copy_compiled(kernel)) {
         resident = prepare_blocks(kernel, tx, smem);
@@ -651,7 +654,7 @@ void bwd_typed(const NormBwdParams& p, cudaStream_t stream) {
   const BwdShape shape = bwd_shape<K, T, W, O>(p);
   const auto grid = static_cast<unsigned>(shape.grid);
   if (shape.bulk_vpt > 0) {
-    dispatch_bulk(shape.bulk_vpt, p.dres == nullptr, [&](auto vpt_c, auto hold_c) {
+    dispatch_bulk<K>(shape.bulk_vpt, p.dres == nullptr, [&](auto vpt_c, auto hold_c) {
       norm_bwd_bulk_kernel<K, T, W, O, vpt_c.value, hold_c.value>
           <<<grid, shape.plan.threads_x, shape.smem, stream>>>(p);
     });
