@@ -18,6 +18,11 @@ TOLERANCES = {
 DTYPES_16 = [torch.bfloat16, torch.float16]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
+# Row shapes for the row-wise kernels (norms): 1x1, odd widths, the Llama/Mistral widths, widths
+# past 64K, extra batch dims, and widths off and on the 16-byte vector boundary.
+ROW_SHAPES = [(1, 1), (3, 7), (5, 769), (8, 4096), (4, 5120), (2, 65537), (2, 3, 4096),
+              (3, 1, 5, 769), (6, 1032), (3, 16392), (2, 65536)]
+
 needs_extension = pytest.mark.skipif(not STATE.loaded, reason="the compiled extension is not loaded")
 
 

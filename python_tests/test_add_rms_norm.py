@@ -5,13 +5,12 @@ from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from helpers import (DTYPES, DTYPES_16, assert_close, assert_no_worse_than_reference,
-                     needs_extension, poison_cuda_allocator)
+                     ROW_SHAPES, needs_extension, poison_cuda_allocator)
 from unsloth_ext.ops.add_rms_norm import (add_rms_norm, add_rms_norm_bwd_reference,
                                           add_rms_norm_fwd_reference, add_rms_norm_reference)
 
 EPS = 1e-6
-SHAPES = [(1, 1), (3, 7), (5, 769), (8, 4096), (4, 5120), (2, 65537), (2, 3, 4096),
-          (3, 1, 5, 769), (6, 1032), (3, 16392), (2, 65536)]
+SHAPES = ROW_SHAPES
 
 
 def _inputs(shape, dtype, device, w_dtype=None):

@@ -3,13 +3,12 @@ import torch
 import torch.nn.functional as F
 
 from helpers import (DTYPES, DTYPES_16, assert_close, assert_no_worse_than_reference,
-                     needs_extension, poison_cuda_allocator)
+                     ROW_SHAPES, needs_extension, poison_cuda_allocator)
 from unsloth_ext.ops.layer_norm import (layer_norm, layer_norm_bwd_reference,
                                         layer_norm_fwd_reference, layer_norm_reference)
 
 EPS = 1e-5
-SHAPES = [(1, 1), (3, 7), (5, 769), (8, 4096), (4, 5120), (2, 65537), (2, 3, 4096),
-          (3, 1, 5, 769), (6, 1032), (3, 16392), (2, 65536)]
+SHAPES = ROW_SHAPES
 
 
 def _inputs(shape, dtype, device, w_dtype=None):
