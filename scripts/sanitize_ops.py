@@ -52,10 +52,12 @@ def nf4_ops(dtype: torch.dtype) -> None:
     w.dequantize(out)
     a = torch.randn(8, 256, device="cuda", dtype=dtype)
     b = torch.randn(192, 8, device="cuda", dtype=dtype)
+    # More 16-row tiles than SMs, uneven K split over the warps, fp32 absmax.
+    wide = quantize_nf4(torch.randn(4100, 320, device="cuda", dtype=dtype), 128, False)
     with torch.no_grad():
         for m in (1, 3, 16):
             nf4_matmul(torch.randn(m, 256, device="cuda", dtype=dtype), w, LoRA(a, b, 0.5))
-
+            nf4_matmul(torch.randn(m, 320, device="cuda", dtype=dtype), wide)
 
 for dtype in (torch.bfloat16, torch.float32):
     for cols in (8, 769, 4096):  # vector paths, scalar path

@@ -96,25 +96,38 @@ int kernel_ptx_version(const void* kernel);
 
 // Column sums of one or two [rows, cols] slabs stored back to back in `partial`:
 // out0[c] = sum_r slab0[r, c] and, with out1, out1[c] = sum_r slab1[r, c] (blockIdx.y picks the
-// slab: one launch, as a second costs about as much as the sums). Summed in a fixed order
-// (deterministic).
+// slab: one launch, as a second costs about as much as the sums). A block owns 32 columns; its
+// kColumnSumLanes threads per column each add every kColumnSumLanes-th row, four loads in flight
+// at a time, and one thread per column then adds their sums. The order is fixed (deterministic).
+constexpr int kColumnSumLanes = 32;
+
 template <typename A, typename W>
-__global__ void column_sums_kernel(const A* __restrict__ partial, int64_t rows, int64_t cols,
-                                   W* __restrict__ out0, W* __restrict__ out1) {
-  __shared__ A part[8][33];
+__global__ void __launch_bounds__(32 * kColumnSumLanes)
+column_sums_kernel(const A* __restrict__ partial, int64_t rows, int64_t cols,
+                   W* __restrict__ out0, W* __restrict__ out1) {
+  constexpr int kUnroll = 4;
+  __shared__ A part[kColumnSumLanes][33];
   const A* slab = partial + blockIdx.y * rows * cols;
   W* out = blockIdx.y == 0 ? out0 : out1;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   A acc = 0;
   if (c < cols) {
-    for (int64_t r = threadIdx.y; r < rows; r += 8) acc += slab[r * cols + c];
+    int64_t r = threadIdx.y;
+    for (; r + (kUnroll - 1) * kColumnSumLanes < rows; r += kUnroll * kColumnSumLanes) {
+      A v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) v[u] = slab[(r + u * kColumnSumLanes) * cols + c];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) acc += v[u];
+    }
+    for (; r < rows; r += kColumnSumLanes) acc += slab[r * cols + c];
   }
   part[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
   if (threadIdx.y == 0 && c < cols) {
     A total = 0;
 #pragma unroll
-    for (int r = 0; r < 8; ++r) total += part[r][threadIdx.x];
+    for (int r = 0; r < kColumnSumLanes; ++r) total += part[r][threadIdx.x];
     out[c] = convert<W>(total);
   }
 }
@@ -123,7 +136,8 @@ template <typename A, typename W>
 void launch_column_sums(const A* partial, int64_t rows, int64_t cols, W* out0, W* out1,
                         cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(cols, 32)), out1 != nullptr ? 2 : 1);
-  column_sums_kernel<A, W><<<grid, dim3(32, 8), 0, stream>>>(partial, rows, cols, out0, out1);
+  column_sums_kernel<A, W><<<grid, dim3(32, kColumnSumLanes), 0, stream>>>(partial, rows, cols,
+                                                                            out0, out1);
 }
 
 }  // namespace unsloth_ext

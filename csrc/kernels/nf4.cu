@@ -15,8 +15,9 @@
 // levels enter rounded to the 16-bit type (bitsandbytes' own GEMV also rounds the absmax and the
 // product), a per-weight error of the size of the 16-bit rounding of a dequantized weight. The 16
 // warps of a block split K and add their partial sums through shared memory in a fixed order.
-// Each warp keeps one chunk in registers beyond the one it computes, and asks L2 for the two
-// after that.
+// Each warp keeps the loads of its next kGemvRing slabs in flight in registers. The number of x
+// rows (one or two m-tiles of 8) and the absmax format are template arguments, so the walk has
+// no per-slab branches on them.
 #include "kernels/nf4.h"
 
 #include <algorithm>
@@ -44,11 +45,9 @@ constexpr int kGroup = 8;          // values per 4-byte group
 constexpr int kGemvThreads = 512;
 constexpr int kGemvWarps = kGemvThreads / 32;
 constexpr int kTileRows = 16;
-constexpr int kChunkSlabs = 4;  // slabs a warp loads per round (64 bytes per lane in flight)
-constexpr int kMaxTilesPerRound = 8;
-// Chunks requested from L2 ahead of the register loads: DRAM latency is then hidden without
-// holding more chunks in registers.
-constexpr int kPrefetchItems = 2;
+// Slabs whose loads a warp keeps in flight beyond the one it computes: 16 packed bytes per lane
+// each, enough in flight per SM to cover DRAM latency at full bandwidth.
+constexpr int kGemvRing = 4;
 // Byte -> pair-of-levels table, one copy per lane (conflict-free lookups of random bytes). An
 // entry spans 256 bytes so that PRMT can form the address (byte << 8 | lane * 4) in one step.
 constexpr int kLutEntryBytes = 256;
@@ -119,11 +118,14 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
 }
 
 // The operand register for packed byte `byte` (0..3) of `word`: (level of the high nibble, level
-// of the low nibble), read from this lane's copy of the table.
-__device__ __forceinline__ uint32_t lut_pair(const unsigned char* lut, uint32_t word, int byte,
-                                             uint32_t lane_offset) {
-  const uint32_t offset = __byte_perm(word, lane_offset, 0x5504u | (byte << 4));
-  return *reinterpret_cast<const uint32_t*>(lut + offset);
+// of the low nibble), read from this lane's copy of the table. lane_entry is the shared-memory
+// address of the lane's word in entry 0; the table is 64 KiB aligned, so one PRMT puts the byte
+// into bits 8..15 of that address and forms the whole address.
+__device__ __forceinline__ uint32_t lut_pair(uint32_t word, int byte, uint32_t lane_entry) {
+  const uint32_t address = __byte_perm(word, lane_entry, 0x7604u | (byte << 4));
+  uint32_t pair;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(pair) : "r"(address));
+  return pair;
 }
 
 // d += A(16x16, row) * B(16x8, col) with fp32 accumulators.
@@ -147,125 +149,120 @@ __device__ __forceinline__ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4
 #endif
 }
 
-// One round of loads of a warp: kChunkSlabs slabs of rows g and g + 8 of a tile.
-struct GemvChunk {
-  uint2 w[kChunkSlabs][2];         // 8 packed bytes (16 values) per row
-  uint32_t scale[kChunkSlabs][2];  // fp32 absmax bits, or the absmax code
-  float scale2[kChunkSlabs][2];    // the code's second-level scale (double quantization)
+// What a lane reads of one slab: 8 packed bytes (16 values) of weight rows g and g + 8, and
+// their absmax entries.
+template <bool kDouble>
+struct GemvSlab {
+  uint2 w[2];
+  uint32_t scale[2];  // fp32 absmax bits, or the double-quantized absmax code
+  float scale2[2];    // the code's second-level scale (double quantization only)
 };
 
-// The lane's part of tile `tile`, slabs [slab0, min(slab0 + kChunkSlabs, slab_end)). Rows past
-// the end of the weight read the last row (their results are never stored).
-__device__ __forceinline__ void load_chunk(GemvChunk& c, const NF4GemvParams& p, int64_t tile,
-                                           int64_t slab0, int64_t slab_end, int lane) {
-  const int g = lane / 4, t = lane % 4;
-  const int64_t slabs = slab_end - slab0;
-  const int blocksize_mask = (1 << p.w.log2_blocksize) - 1;
+// A position in a warp's walk: slab `slab` of tile `tile`. A warp walks its block's tiles in
+// order and, in each, the same slab range [begin, end).
+struct GemvCursor {
+  int64_t tile;
+  uint32_t slab;
+  __device__ __forceinline__ void advance(uint32_t begin, uint32_t end) {
+    if (++slab == end) {
+      slab = begin;
+      ++tile;
+    }
+  }
+};
+
+// Where one of a lane's weight rows of a tile starts, so that a slab's loads need only 32-bit
+// offsets: slab s is packed[4 s], its absmax entry absmax[(block_lo + s) >> shift] (shift: log2 of
+// the slabs per absmax block), and that entry j's second-level scale absmax2[(group_lo + j) / 256].
+struct GemvRow {
+  const uint2* packed;
+  const void* absmax;
+  const float* absmax2;
+  uint32_t block_lo;
+  uint32_t group_lo;
+};
+
+// The lane's rows g and g + 8 of `tile`. Rows past the end of the weight read the last row (their
+// results are never stored).
+__device__ __forceinline__ void tile_rows(GemvRow (&rows)[2], const NF4GemvParams& p,
+                                          int64_t tile, int g, int t, int shift) {
+  const int64_t slabs = p.k / kNF4GemvSlab;
+  const int entry_bytes = p.w.absmax2 != nullptr ? 1 : 4;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int64_t row = min(tile * kTileRows + g + 8 * r, p.n - 1);
-    const int64_t first = row * p.k + slab0 * kNF4GemvSlab;
-    const uint2* packed = reinterpret_cast<const uint2*>(p.w.packed + first / 2) + t;
-    const int64_t block0 = first >> p.w.log2_blocksize;
-    const int in_block = static_cast<int>(first) & blocksize_mask;
+    const int64_t flat = min(tile * kTileRows + g + 8 * r, p.n - 1) * slabs;
+    const int64_t block = flat >> shift;
+    rows[r].packed = reinterpret_cast<const uint2*>(p.w.packed) + flat * 4 + t;
+    rows[r].absmax = static_cast<const uint8_t*>(p.w.absmax) + block * entry_bytes;
+    rows[r].absmax2 = p.w.absmax2 + block / kNF4AbsmaxBlock;
+    rows[r].block_lo = static_cast<uint32_t>(flat & ((int64_t{1} << shift) - 1));
+    rows[r].group_lo = static_cast<uint32_t>(block % kNF4AbsmaxBlock);
+  }
+}
+
+template <bool kDouble>
+__device__ __forceinline__ void load_slab(GemvSlab<kDouble>& s, const GemvRow (&rows)[2],
+                                          uint32_t slab, int shift) {
 #pragma unroll
-    for (int u = 0; u < kChunkSlabs; ++u) {
-      if (u >= slabs) break;
-      c.w[u][r] = __ldcs(packed + u * (kNF4GemvSlab / 16));
-      const int64_t block = block0 + ((in_block + u * kNF4GemvSlab) >> p.w.log2_blocksize);
-      if (p.w.absmax2 != nullptr) {
-        c.scale[u][r] = __ldg(static_cast<const uint8_t*>(p.w.absmax) + block);
-        c.scale2[u][r] = __ldg(p.w.absmax2 + block / kNF4AbsmaxBlock);
-      } else {
-        c.scale[u][r] = __float_as_uint(__ldg(static_cast<const float*>(p.w.absmax) + block));
-      }
+  for (int r = 0; r < 2; ++r) {
+    s.w[r] = __ldcs(rows[r].packed + 4 * slab);
+    const uint32_t entry = (rows[r].block_lo + slab) >> shift;
+    if constexpr (kDouble) {
+      s.scale[r] = __ldg(static_cast<const uint8_t*>(rows[r].absmax) + entry);
+      s.scale2[r] = __ldg(rows[r].absmax2 + (rows[r].group_lo + entry) / kNF4AbsmaxBlock);
+    } else {
+      s.scale[r] = __float_as_uint(__ldg(static_cast<const float*>(rows[r].absmax) + entry));
     }
   }
 }
 
-// Asks L2 for a byte range ahead of its use, holding no registers (sm_90: the whole range; older
-// archs: its first line).
-__device__ __forceinline__ void prefetch_l2(const void* ptr, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr), "r"(bytes) : "memory");
-#else
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
-#endif
-}
-
-// Prefetches what load_chunk will read for the same arguments: lanes 0..15 the packed bytes of
-// the tile's rows, lanes 16..31 their absmax entries.
-__device__ __forceinline__ void prefetch_chunk(const NF4GemvParams& p, int64_t tile,
-                                               int64_t slab0, int64_t slab_end, int lane) {
-  const int64_t slabs = min(slab_end - slab0, static_cast<int64_t>(kChunkSlabs));
-  if (slabs <= 0) return;
-  const int64_t row = min(tile * kTileRows + lane % kTileRows, p.n - 1);
-  const int64_t first = row * p.k + slab0 * kNF4GemvSlab;
-  if (lane < kTileRows) {
-    prefetch_l2(p.w.packed + first / 2, static_cast<uint32_t>(slabs * kNF4GemvSlab / 2));
-  } else {
-    const int64_t block = first >> p.w.log2_blocksize;
-    const int entry_bytes = p.w.absmax2 != nullptr ? 1 : 4;
-    // Bulk prefetches take 16-byte aligned ranges (allocations are, so the range stays inside).
-    const auto entry = reinterpret_cast<uintptr_t>(p.w.absmax) + block * entry_bytes;
-    prefetch_l2(reinterpret_cast<const void*>(entry & ~uintptr_t{15}), 16);
+// acc[mt][i] += the slab's contribution to the lane's accumulators for m-tile mt: weight rows
+// g (i = 0, 1) and g + 8 (i = 2, 3), x rows 8 mt + 2t + (i % 2). x_rows[mt] points at values
+// 16t.. of the lane's x row g + 8 mt, or is null past the last row of x.
+template <typename T, int kMTiles, bool kDouble>
+__device__ __forceinline__ void compute_slab(const GemvSlab<kDouble>& s, float (&acc)[kMTiles][4],
+                                             const T* const (&x_rows)[kMTiles], uint32_t slab,
+                                             const float* code2, float offset,
+                                             uint32_t lane_entry) {
+  float scale[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    scale[r] = kDouble ? __fadd_rn(__fmul_rn(code2[s.scale[r]], s.scale2[r]), offset)
+                       : __uint_as_float(s.scale[r]);
   }
-}
-
-// acc[mt][i] += the chunk's contribution to the lane's accumulators for m-tile mt: weight rows
-// g (i = 0, 1) and g + 8 (i = 2, 3), x rows 8 mt + 2t + (i % 2).
-template <typename T>
-__device__ __forceinline__ void compute_chunk(const GemvChunk& c, float (&acc)[2][4],
-                                              const NF4GemvParams& p, const unsigned char* lut,
-                                              const float* code2, int64_t slab0, int64_t slab_end,
-                                              int m_tiles, int lane) {
-  const int g = lane / 4, t = lane % 4;
-  const uint32_t lane_offset = lane * 4;
-  const int64_t slabs = slab_end - slab0;
-  const T* x = static_cast<const T*>(p.x) + slab0 * kNF4GemvSlab + 16 * t;
+  uint32_t xw[kMTiles][8];
 #pragma unroll
-  for (int u = 0; u < kChunkSlabs; ++u) {
-    if (u >= slabs) break;
-    float scale[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      scale[r] = p.w.absmax2 == nullptr
-                     ? __uint_as_float(c.scale[u][r])
-                     : __fadd_rn(__fmul_rn(code2[c.scale[u][r]], c.scale2[u][r]), p.w.offset);
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
+    if (x_rows[mt] != nullptr) {
+      const uint4* src = reinterpret_cast<const uint4*>(x_rows[mt] + slab * kNF4GemvSlab);
+      lo = __ldg(src);
+      hi = __ldg(src + 1);
     }
-    // The second m-tile (more than 8 rows of x) looks the weights up again rather than keeping
-    // them: registers matter more than the few extra lookups.
+    const uint32_t words[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-      if (mt >= m_tiles) break;
-      // Values 16t .. 16t + 15 of this slab of x row g + 8 mt (the B operand): four per step.
-      const int64_t m = g + 8 * mt;
-      uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
-      if (m < p.m) {
-        const uint4* src = reinterpret_cast<const uint4*>(x + m * p.k + u * kNF4GemvSlab);
-        lo = __ldg(src);
-        hi = __ldg(src + 1);
-      }
-      const uint32_t xw[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-      float d[4] = {};
+    for (int i = 0; i < 8; ++i) xw[mt][i] = words[i];
+  }
+  float d[kMTiles][4] = {};
 #pragma unroll
-      for (int step = 0; step < 4; ++step) {
-        // Bytes 2 step and 2 step + 1 of each row's 8, values 4 step .. 4 step + 3, go in as the
-        // mma's k = 2t, 2t + 1 and 2t + 8, 2t + 9; x words 2 step, 2 step + 1 match them.
-        const uint32_t row_lo = step < 2 ? c.w[u][0].x : c.w[u][0].y;
-        const uint32_t row_hi = step < 2 ? c.w[u][1].x : c.w[u][1].y;
-        const int b = (2 * step) % 4;
-        const uint32_t a[4] = {lut_pair(lut, row_lo, b, lane_offset),
-                               lut_pair(lut, row_hi, b, lane_offset),
-                               lut_pair(lut, row_lo, b + 1, lane_offset),
-                               lut_pair(lut, row_hi, b + 1, lane_offset)};
-        mma_16x8x16<T>(d, a, xw[2 * step], xw[2 * step + 1]);
-      }
-      acc[mt][0] += scale[0] * d[0];
-      acc[mt][1] += scale[0] * d[1];
-      acc[mt][2] += scale[1] * d[2];
-      acc[mt][3] += scale[1] * d[3];
+  for (int step = 0; step < 4; ++step) {
+    // Bytes 2 step and 2 step + 1 of each row's 8, values 4 step .. 4 step + 3, go in as the
+    // mma's k = 2t, 2t + 1 and 2t + 8, 2t + 9; x words 2 step, 2 step + 1 match them.
+    const uint32_t row_lo = step < 2 ? s.w[0].x : s.w[0].y;
+    const uint32_t row_hi = step < 2 ? s.w[1].x : s.w[1].y;
+    const int b = (2 * step) % 4;
+    const uint32_t a[4] = {lut_pair(row_lo, b, lane_entry), lut_pair(row_hi, b, lane_entry),
+                           lut_pair(row_lo, b + 1, lane_entry),
+                           lut_pair(row_hi, b + 1, lane_entry)};
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+      mma_16x8x16<T>(d[mt], a, xw[mt][2 * step], xw[mt][2 * step + 1]);
     }
+  }
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[mt][i] += scale[i / 2] * d[mt][i];
   }
 }
 
@@ -279,11 +276,12 @@ __device__ __forceinline__ float lora_b_dot(const NF4GemvParams& p, int64_t m, i
 }
 
 // Sums the warps' partials of `count` tiles from `first_tile` in a fixed order, adds the LoRA
-// term, and writes y. partial: [tile][warp][4 * m_tiles][32 lanes].
-template <typename T>
+// term, and writes y. partial: [tile][warp][4 * kMTiles][32 lanes].
+template <typename T, int kMTiles>
 __device__ void finish_tiles(const NF4GemvParams& p, const float* partial, int64_t first_tile,
-                             int count, int m_tiles) {
-  const int regs = 4 * m_tiles;
+                             int count) {
+  constexpr int kRegs = 4 * kMTiles;
+  const int warps = blockDim.x / 32;
   const int rows_m = kTileRows * static_cast<int>(p.m);
   for (int o = threadIdx.x; o < count * rows_m; o += blockDim.x) {
     const int r = o % kTileRows;
@@ -293,9 +291,9 @@ __device__ void finish_tiles(const NF4GemvParams& p, const float* partial, int64
     if (n >= p.n) continue;
     const int lane = (r % 8) * 4 + (m % 8) / 2;
     const int reg = m % 2 + 2 * (r / 8) + 4 * (m / 8);
-    const float* part = partial + (slot * kGemvWarps * regs + reg) * 32 + lane;
+    const float* part = partial + (slot * warps * kRegs + reg) * 32 + lane;
     float sum = 0;
-    for (int w = 0; w < kGemvWarps; ++w) sum += part[w * regs * 32];
+    for (int w = 0; w < warps; ++w) sum += part[w * kRegs * 32];
     if (p.lora_a != nullptr) {
       sum += p.lora_b_dtype == DType::kFloat32 ? lora_b_dot<float>(p, m, n)
                                                : lora_b_dot<T>(p, m, n);
@@ -304,92 +302,95 @@ __device__ void finish_tiles(const NF4GemvParams& p, const float* partial, int64
   }
 }
 
+// A block barrier that warps may reach from different places in their code (the warps of a
+// block end their tiles at different points of the unrolled walk).
+__device__ __forceinline__ void block_barrier() { asm volatile("barrier.sync 0;" ::: "memory"); }
+
 // One block per SM; block b owns tiles [b * tiles / grid, (b + 1) * tiles / grid) (a balanced
-// split) and warp w the slabs [w * slabs / 16, (w + 1) * slabs / 16) of each. Every warp walks
-// the same (tile, chunk) sequence, loading the next chunk before computing the current one, and
-// leaves its sums for each tile in shared memory; each round of `tiles_per_round` tiles is then
-// finished by the whole block.
-template <typename T>
+// split) and warp w the slabs [w * slabs / warps, (w + 1) * slabs / warps) of each (the launch
+// gives every warp at least one). A warp walks its (tile, slab) items keeping the next kGemvRing
+// slabs' loads in flight, and leaves its sums for each tile in shared memory; each round of
+// `tiles_per_round` tiles is then finished by the whole block.
+template <typename T, int kMTiles, bool kDouble>
 __global__ void __launch_bounds__(kGemvThreads, 1)
 nf4_gemv_kernel(const NF4GemvParams p, int tiles_per_round) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float code2[256];
-  unsigned char* lut = smem;
-  float* partial = reinterpret_cast<float*>(smem + kLutBytes);
+  constexpr int kRegs = 4 * kMTiles;
+  const int warps = blockDim.x / 32;
+  // The partial sums first, then the table at the next 64 KiB boundary (see lut_pair).
+  float* partial = reinterpret_cast<float*>(smem);
+  const auto smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t partial_end = smem_base + tiles_per_round * warps * kRegs * 32 * sizeof(float);
+  const uint32_t lut_base = (partial_end + kLutBytes - 1) & ~uint32_t{kLutBytes - 1};
+  unsigned char* lut = smem + (lut_base - smem_base);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int m_tiles = p.m > 8 ? 2 : 1;
+  const int g = lane / 4, t = lane % 4;
   const int64_t tiles = div_up(p.n, kTileRows);
   const int64_t tile_begin = blockIdx.x * tiles / gridDim.x;
   const int64_t tile_end = (blockIdx.x + 1) * tiles / gridDim.x;
-  const int64_t slabs = p.k / kNF4GemvSlab;
-  const int64_t slab_begin = warp * slabs / kGemvWarps;
-  const int64_t slab_end = (warp + 1) * slabs / kGemvWarps;
-  const int chunks = static_cast<int>(div_up(div_up(slabs, kGemvWarps), kChunkSlabs));
+  const auto slabs = static_cast<uint32_t>(p.k / kNF4GemvSlab);
+  const uint32_t slab_begin = warp * slabs / warps;
+  const uint32_t slab_end = (warp + 1) * slabs / warps;
+  const int shift = p.w.log2_blocksize - 6;
 
-  GemvChunk chunk_a, chunk_b;
-  int64_t tile = tile_begin;
-  int chunk = 0;
-  // The item kPrefetchItems past the next register load, already requested from L2.
-  int64_t ahead_tile = tile_begin;
-  int ahead_chunk = 0;
-  const auto advance_ahead = [&] {
-    if (++ahead_chunk == chunks) {
-      ahead_chunk = 0;
-      ++ahead_tile;
-    }
-    if (ahead_tile < tile_end) {
-      prefetch_chunk(p, ahead_tile, slab_begin + ahead_chunk * kChunkSlabs, slab_end, lane);
-    }
+  // Fill the ring first so that the loads are in flight while the tables are built.
+  GemvSlab<kDouble> ring[kGemvRing];
+  GemvCursor load{tile_begin, slab_begin};
+  GemvRow load_rows[2];
+  tile_rows(load_rows, p, load.tile, g, t, shift);
+  const auto load_next = [&](GemvSlab<kDouble>& slot) {
+    load_slab(slot, load_rows, load.slab, shift);
+    load.advance(slab_begin, slab_end);
+    if (load.slab == slab_begin) tile_rows(load_rows, p, load.tile, g, t, shift);
   };
-  if (tile < tile_end) load_chunk(chunk_a, p, tile, slab_begin, slab_end, lane);
-  for (int i = 0; i < kPrefetchItems; ++i) advance_ahead();
-  // Build the tables while the first loads are in flight.
+#pragma unroll
+  for (int i = 0; i < kGemvRing; ++i) {
+    if (load.tile < tile_end) load_next(ring[i]);
+  }
   for (int i = threadIdx.x; i < 256 * 32; i += blockDim.x) {
     const int byte = i / 32;
     reinterpret_cast<uint32_t*>(lut + byte * kLutEntryBytes)[i % 32] =
         pack_pair<T>(kNF4Levels[byte >> 4], kNF4Levels[byte & 15]);
   }
-  load_code2(p.w, code2);
+  if constexpr (kDouble) load_code2(p.w, code2);
   __syncthreads();
 
-  float acc[2][4] = {};
-  const int regs = 4 * m_tiles;
-  // One step: load the chunk after this one into `next`, add `cur`, and after a tile's last
-  // chunk leave its sums (finishing the round when full). False once the block's tiles are done.
-  const auto step = [&](const GemvChunk& cur, GemvChunk& next) {
-    const bool tile_done = chunk == chunks - 1;
-    const int64_t next_tile = tile_done ? tile + 1 : tile;
-    const int next_chunk = tile_done ? 0 : chunk + 1;
-    if (next_tile < tile_end) {
-      load_chunk(next, p, next_tile, slab_begin + next_chunk * kChunkSlabs, slab_end, lane);
-    }
-    advance_ahead();
-    compute_chunk<T>(cur, acc, p, lut, code2, slab_begin + chunk * kChunkSlabs, slab_end,
-                     m_tiles, lane);
-    if (tile_done) {
-      const int slot = static_cast<int>((tile - tile_begin) % tiles_per_round);
-      float* mine = partial + (slot * kGemvWarps + warp) * regs * 32 + lane;
+  const T* x_rows[kMTiles];
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    const int64_t m = g + 8 * mt;
+    x_rows[mt] = m < p.m ? static_cast<const T*>(p.x) + m * p.k + 16 * t : nullptr;
+  }
+  const uint32_t lane_entry = lut_base + lane * 4;
+  float acc[kMTiles][4] = {};
+  int slot = 0;  // the tile's place in the current round
+  GemvCursor at{tile_begin, slab_begin};
+  while (at.tile < tile_end) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          if (mt < m_tiles) mine[(4 * mt + j) * 32] = acc[mt][j];
-          acc[mt][j] = 0;
+    for (int i = 0; i < kGemvRing; ++i) {
+      if (at.tile >= tile_end) break;
+      compute_slab<T, kMTiles, kDouble>(ring[i], acc, x_rows, at.slab, code2, p.w.offset,
+                                        lane_entry);
+      if (load.tile < tile_end) load_next(ring[i]);
+      if (at.slab == slab_end - 1) {
+        float* mine = partial + (slot * warps + warp) * kRegs * 32 + lane;
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            mine[(4 * mt + j) * 32] = acc[mt][j];
+            acc[mt][j] = 0;
+          }
+        }
+        if (++slot == tiles_per_round || at.tile == tile_end - 1) {
+          block_barrier();
+          finish_tiles<T, kMTiles>(p, partial, at.tile + 1 - slot, slot);
+          block_barrier();
+          slot = 0;
         }
       }
-      if (slot == tiles_per_round - 1 || next_tile == tile_end) {
-        __syncthreads();
-        finish_tiles<T>(p, partial, tile - slot, slot + 1, m_tiles);
-        __syncthreads();
-      }
-    }
-    tile = next_tile;
-    chunk = next_chunk;
-    return tile < tile_end;
-  };
-  // Two steps per iteration, so the two chunk buffers swap roles without copies.
-  if (tile < tile_end) {
-    while (step(chunk_a, chunk_b) && step(chunk_b, chunk_a)) {
+      at.advance(slab_begin, slab_end);
     }
   }
 }
@@ -455,6 +456,25 @@ size_t max_dynamic_smem() {
   return static_cast<size_t>(bytes);
 }
 
+template <typename T, int kMTiles, bool kDouble>
+void gemv_launch(const NF4GemvParams& p, cudaStream_t stream) {
+  const int64_t tiles = ceil_div(p.n, kTileRows);
+  const int64_t grid = std::min<int64_t>(tiles, sm_count());
+  // Every warp gets at least one slab of each tile.
+  const int warps = static_cast<int>(std::min<int64_t>(kGemvWarps, p.k / kNF4GemvSlab));
+  const size_t tile_bytes = static_cast<size_t>(warps) * 4 * kMTiles * 32 * sizeof(float);
+  // The table sits at a 64 KiB boundary of the shared window: up to 64 KiB of padding before it.
+  // Static shared memory (code2) is part of the opt-in limit too.
+  const size_t room = max_dynamic_smem() - 2 * kLutBytes - 256 * sizeof(float);
+  const int64_t tiles_per_round = std::max<int64_t>(
+      1, std::min<int64_t>(ceil_div(tiles, grid), static_cast<int64_t>(room / tile_bytes)));
+  const size_t smem = 2 * kLutBytes + tiles_per_round * tile_bytes;
+  const auto kernel = nf4_gemv_kernel<T, kMTiles, kDouble>;
+  prepare_blocks(kernel, kGemvThreads, smem);
+  kernel<<<static_cast<unsigned>(grid), warps * 32, smem, stream>>>(
+      p, static_cast<int>(tiles_per_round));
+}
+
 template <typename T>
 void gemv_typed(const NF4GemvParams& p, cudaStream_t stream) {
   if (p.lora_a != nullptr) {
@@ -463,20 +483,12 @@ void gemv_typed(const NF4GemvParams& p, cudaStream_t stream) {
           <<<static_cast<unsigned>(p.rank), 256, 0, stream>>>(p);
     });
   }
-  const int64_t tiles = ceil_div(p.n, kTileRows);
-  const int64_t grid = std::min<int64_t>(tiles, sm_count());
-  const int m_tiles = p.m > 8 ? 2 : 1;
-  const size_t tile_bytes = static_cast<size_t>(kGemvWarps) * 4 * m_tiles * 32 * sizeof(float);
-  // Static shared memory (code2) is part of the opt-in limit too.
-  const size_t room = max_dynamic_smem() - kLutBytes - 256 * sizeof(float);
-  const int64_t tiles_per_round =
-      std::max<int64_t>(1, std::min<int64_t>({ceil_div(tiles, grid), kMaxTilesPerRound,
-                                              static_cast<int64_t>(room / tile_bytes)}));
-  const size_t smem = kLutBytes + tiles_per_round * tile_bytes;
-  const auto kernel = nf4_gemv_kernel<T>;
-  prepare_blocks(kernel, kGemvThreads, smem);
-  kernel<<<static_cast<unsigned>(grid), kGemvThreads, smem, stream>>>(
-      p, static_cast<int>(tiles_per_round));
+  const bool double_quant = p.w.absmax2 != nullptr;
+  if (p.m > 8) {
+    double_quant ? gemv_launch<T, 2, true>(p, stream) : gemv_launch<T, 2, false>(p, stream);
+  } else {
+    double_quant ? gemv_launch<T, 1, true>(p, stream) : gemv_launch<T, 1, false>(p, stream);
+  }
 }
 
 }  // namespace
