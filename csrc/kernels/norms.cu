@@ -15,6 +15,11 @@ namespace {
 constexpr int kFwdThreads = 512;
 constexpr int kFwdMinBlocks = 4;
 constexpr int kFwdUnroll = 2;
+// LayerNorm's forward takes twice the vectors per thread: each row's (count, mean, m2) merge then
+// spans half the warps, and at two blocks per SM (64 registers a thread) the chunk stays in
+// registers. On the H200, [16384, 4096] bf16: 84 us against 102 us at kFwdUnroll, four blocks.
+constexpr int kLayerFwdUnroll = 4;
+constexpr int kLayerFwdMinBlocks = 2;
 constexpr int kBwdThreads = 512;
 constexpr int kBwdMinBlocks = 2;
 constexpr int kBwdUnroll = 2;
@@ -85,50 +90,53 @@ __device__ __forceinline__ void row_group_moments(A count, A& mean, A& m2,
 }
 
 template <typename T, typename W, int VEC>
-__global__ void __launch_bounds__(kFwdThreads, kFwdMinBlocks)
+__global__ void __launch_bounds__(kFwdThreads, kLayerFwdMinBlocks)
 layer_norm_fwd_kernel(const LayerNormFwdParams p) {
   using A = acc_t<T>;
   __shared__ A scratch[3][kMaxRowGroups * 32];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool valid = row < p.rows;
   const int64_t n_vec = p.cols / VEC;
-  const int64_t stride = static_cast<int64_t>(kFwdUnroll) * blockDim.x;
+  const int64_t stride = static_cast<int64_t>(kLayerFwdUnroll) * blockDim.x;
   const T* x = static_cast<const T*>(p.x) + (valid ? row : 0) * p.x_row_stride;
   const W* w = static_cast<const W*>(p.weight);
   const W* b = static_cast<const W*>(p.bias);
   T* y = static_cast<T*>(p.y) + (valid ? row : 0) * p.cols;
 
-  // Welford over chunks of kFwdUnroll vectors: a chunk's own mean and squared deviations from
+  // Welford over chunks of kLayerFwdUnroll vectors: a chunk's own mean and squared deviations from
   // registers, then one merge into the thread's running (count, mean, m2).
   A count = 0, mean = 0, m2 = 0;
   for (int64_t base = threadIdx.x; valid && base < n_vec; base += stride) {
-    Vec<T, VEC> xv[kFwdUnroll] = {};  // zeroed: a maybe-unloaded vector is otherwise spilled
+    Vec<T, VEC> xv[kLayerFwdUnroll] = {};  // zeroed: a maybe-unloaded vector is otherwise spilled
     int loaded = 0;
 #pragma unroll
-    for (int u = 0; u < kFwdUnroll; ++u) {
+    for (int u = 0; u < kLayerFwdUnroll; ++u) {
       const int64_t j = base + u * blockDim.x;
       if (j < n_vec) {
         xv[u] = load_vec<T, VEC>(x + j * VEC);
         ++loaded;
       }
     }
-    A xf[kFwdUnroll][VEC];
+    // The vectors are widened twice rather than kept widened (fewer live registers).
     A sum = 0;
 #pragma unroll
-    for (int u = 0; u < kFwdUnroll; ++u) {
-      to_acc(xv[u], xf[u]);
+    for (int u = 0; u < kLayerFwdUnroll; ++u) {
+      A xf[VEC];
+      to_acc(xv[u], xf);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) sum += xf[u][k];  // unloaded vectors are zeros
+      for (int k = 0; k < VEC; ++k) sum += xf[k];  // unloaded vectors are zeros
     }
     const A chunk_count = A(loaded * VEC);
     const A chunk_mean = sum / chunk_count;
     A chunk_m2 = 0;
 #pragma unroll
-    for (int u = 0; u < kFwdUnroll; ++u) {
+    for (int u = 0; u < kLayerFwdUnroll; ++u) {
       if (u < loaded) {
+        A xf[VEC];
+        to_acc(xv[u], xf);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          const A d = xf[u][k] - chunk_mean;
+          const A d = xf[k] - chunk_mean;
           chunk_m2 += d * d;
         }
       }
@@ -577,7 +585,7 @@ void dispatch_types(DType x, DType w, DType o, F&& f) {
 template <typename T, typename W>
 void layer_norm_fwd_typed(const LayerNormFwdParams& p, cudaStream_t stream) {
   const int vec = vector_width<T>({p.x, p.weight, p.bias, p.y}, {p.x_row_stride}, p.cols);
-  const RowPlan plan = plan_rows(p.cols, vec, kFwdThreads, kFwdUnroll);
+  const RowPlan plan = plan_rows(p.cols, vec, kFwdThreads, kLayerFwdUnroll);
   dispatch_vec<kVec16<T>>(vec, [&](auto vec_c) {
     const dim3 block(plan.threads_x, plan.rows_per_block);
     const auto grid = static_cast<unsigned>(ceil_div(p.rows, plan.rows_per_block));
