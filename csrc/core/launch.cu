@@ -83,19 +83,9 @@ int64_t prepare_clusters(const void* kernel, int threads, size_t dynamic_smem, i
     cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                          cudaSharedmemCarveoutMaxShared);
     cache.allow_smem(kernel, device, dynamic_smem);
-    cudaLaunchAttribute cluster_dim{};
-    cluster_dim.id = cudaLaunchAttributeClusterDimension;
-    cluster_dim.val.clusterDim.x = static_cast<unsigned>(cluster_size);
-    cluster_dim.val.clusterDim.y = 1;
-    cluster_dim.val.clusterDim.z = 1;
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(static_cast<unsigned>(cluster_size));
-    config.blockDim = dim3(static_cast<unsigned>(threads));
-    config.dynamicSmemBytes = dynamic_smem;
-    config.attrs = &cluster_dim;
-    config.numAttrs = 1;
+    const ClusterLaunch one(1, cluster_size, threads, dynamic_smem, nullptr);
     int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess) {
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &one.config) == cudaSuccess) {
       total = clusters;
     } else {
       cudaGetLastError();  // a failed query is not an error of the caller
@@ -103,6 +93,20 @@ int64_t prepare_clusters(const void* kernel, int threads, size_t dynamic_smem, i
   }
   cache.resident.emplace(key, total);
   return total;
+}
+
+ClusterLaunch::ClusterLaunch(int64_t clusters, int cluster_size, int threads,
+                             size_t dynamic_smem, cudaStream_t stream) {
+  cluster_dim.id = cudaLaunchAttributeClusterDimension;
+  cluster_dim.val.clusterDim.x = static_cast<unsigned>(cluster_size);
+  cluster_dim.val.clusterDim.y = 1;
+  cluster_dim.val.clusterDim.z = 1;
+  config.gridDim = dim3(static_cast<unsigned>(clusters * cluster_size));
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.dynamicSmemBytes = dynamic_smem;
+  config.stream = stream;
+  config.attrs = &cluster_dim;
+  config.numAttrs = 1;
 }
 
 int kernel_ptx_version(const void* kernel) {

@@ -90,6 +90,17 @@ int64_t prepare_blocks(Kernel kernel, int threads, size_t dynamic_smem) {
 // once, or 0 when it cannot launch them. Cached the same way.
 int64_t prepare_clusters(const void* kernel, int threads, size_t dynamic_smem, int cluster_size);
 
+// A launch of `clusters` 1-D clusters of `cluster_size` blocks, for cudaLaunchKernelEx. Not
+// copyable: config.attrs points at the cluster attribute inside.
+struct ClusterLaunch {
+  cudaLaunchAttribute cluster_dim{};
+  cudaLaunchConfig_t config{};
+  ClusterLaunch(int64_t clusters, int cluster_size, int threads, size_t dynamic_smem,
+                cudaStream_t stream);
+  ClusterLaunch(const ClusterLaunch&) = delete;
+  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
+};
+
 // The PTX version `kernel` was compiled from for the current device (90: sm_90), or 0 when it
 // has no code for it. Cached per (kernel, device).
 int kernel_ptx_version(const void* kernel);

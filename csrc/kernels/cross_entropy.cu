@@ -621,19 +621,8 @@ bool launch_fused_cluster(const CrossEntropyFusedParams& p, cudaStream_t stream)
         prepare_clusters(reinterpret_cast<const void*>(kernel), threads, smem, size);
     if (resident == 0) return false;
 
-    cudaLaunchAttribute cluster_dim{};
-    cluster_dim.id = cudaLaunchAttributeClusterDimension;
-    cluster_dim.val.clusterDim.x = static_cast<unsigned>(size);
-    cluster_dim.val.clusterDim.y = 1;
-    cluster_dim.val.clusterDim.z = 1;
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(static_cast<unsigned>(std::min(in.rows, resident) * size));
-    config.blockDim = dim3(static_cast<unsigned>(threads));
-    config.dynamicSmemBytes = smem;
-    config.stream = stream;
-    config.attrs = &cluster_dim;
-    config.numAttrs = 1;
-    cudaLaunchKernelEx(&config, kernel, p, static_cast<int>(per_cta));
+    const ClusterLaunch launch(std::min(in.rows, resident), size, threads, smem, stream);
+    cudaLaunchKernelEx(&launch.config, kernel, p, static_cast<int>(per_cta));
     return true;
   }
 }
