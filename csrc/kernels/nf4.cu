@@ -39,7 +39,7 @@ __constant__ float kNF4Levels[16] = {
     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
 
 constexpr int kDequantThreads = 256;
-constexpr int kDequantUnroll = 4;  // 4-byte groups per thread, all loads issued first
+constexpr int kDequantUnroll = 2;  // 4-byte groups per thread
 constexpr int kGroup = 8;          // values per 4-byte group
 
 constexpr int kGemvThreads = 512;
@@ -55,12 +55,24 @@ constexpr int kLutBytes = 256 * kLutEntryBytes;
 
 __device__ __forceinline__ int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The absmax of block `block`, decoded as bitsandbytes does (multiply, then add the offset,
-// rounding after each).
-__device__ __forceinline__ float block_scale(const NF4View& w, int64_t block, const float* code2) {
-  if (w.absmax2 == nullptr) return __ldg(static_cast<const float*>(w.absmax) + block);
-  const uint8_t code = __ldg(static_cast<const uint8_t*>(w.absmax) + block);
-  return __fadd_rn(__fmul_rn(code2[code], __ldg(w.absmax2 + block / kNF4AbsmaxBlock)), w.offset);
+// The absmax of one block as loaded: the fp32 absmax, or for a double-quantized weight its uint8
+// code and the second-level scale.
+struct BlockAbsmax {
+  float value;
+  uint32_t code;
+};
+
+__device__ __forceinline__ BlockAbsmax load_absmax(const NF4View& w, int64_t block) {
+  if (w.absmax2 == nullptr) return {__ldg(static_cast<const float*>(w.absmax) + block), 0};
+  return {__ldg(w.absmax2 + block / kNF4AbsmaxBlock),
+          __ldg(static_cast<const uint8_t*>(w.absmax) + block)};
+}
+
+// The absmax decoded as bitsandbytes does (multiply, then add the offset, rounding after each).
+__device__ __forceinline__ float decode_absmax(const NF4View& w, const BlockAbsmax& a,
+                                               const float* code2) {
+  if (w.absmax2 == nullptr) return a.value;
+  return __fadd_rn(__fmul_rn(code2[a.code], a.value), w.offset);
 }
 
 // The second-level code table in shared memory (only read for double-quantized weights).
@@ -74,28 +86,34 @@ __device__ __forceinline__ uint32_t nibble(uint32_t word, int i) {
   return (word >> (8 * (i / 2) + 4 * (1 - i % 2))) & 15u;
 }
 
+// Each thread dequantizes kDequantUnroll groups. Their packed words and absmax go out before the
+// block fills its tables, so the loads' latency covers the block's start.
 template <typename T>
 __global__ void __launch_bounds__(kDequantThreads) nf4_dequantize_kernel(const NF4DequantParams p) {
   __shared__ float levels[16];
   __shared__ float code2[256];
-  if (threadIdx.x < 16) levels[threadIdx.x] = kNF4Levels[threadIdx.x];
-  load_code2(p.w, code2);
-  __syncthreads();
   const int64_t groups = p.w.numel / kGroup;
   const int64_t first =
       static_cast<int64_t>(blockIdx.x) * kDequantUnroll * blockDim.x + threadIdx.x;
   const uint32_t* packed = reinterpret_cast<const uint32_t*>(p.w.packed);
   uint32_t words[kDequantUnroll];
-#pragma unroll
-  for (int u = 0; u < kDequantUnroll; ++u) {
-    const int64_t g = first + static_cast<int64_t>(u) * blockDim.x;
-    if (g < groups) words[u] = __ldcs(packed + g);
-  }
+  BlockAbsmax absmax[kDequantUnroll];
 #pragma unroll
   for (int u = 0; u < kDequantUnroll; ++u) {
     const int64_t g = first + static_cast<int64_t>(u) * blockDim.x;
     if (g < groups) {
-      const float scale = block_scale(p.w, (g * kGroup) >> p.w.log2_blocksize, code2);
+      words[u] = __ldcs(packed + g);
+      absmax[u] = load_absmax(p.w, (g * kGroup) >> p.w.log2_blocksize);
+    }
+  }
+  if (threadIdx.x < 16) levels[threadIdx.x] = kNF4Levels[threadIdx.x];
+  load_code2(p.w, code2);
+  __syncthreads();
+#pragma unroll
+  for (int u = 0; u < kDequantUnroll; ++u) {
+    const int64_t g = first + static_cast<int64_t>(u) * blockDim.x;
+    if (g < groups) {
+      const float scale = decode_absmax(p.w, absmax[u], code2);
       float v[kGroup];
 #pragma unroll
       for (int i = 0; i < kGroup; ++i) v[i] = __fmul_rn(levels[nibble(words[u], i)], scale);
