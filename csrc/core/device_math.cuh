@@ -75,7 +75,11 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
     for (int i = 0; i < bytes / 16; ++i) {
       uint4 word;
       memcpy(&word, reinterpret_cast<const char*>(&v) + 16 * i, 16);
-      reinterpret_cast<uint4*>(p)[i] = word;
+      // One 16-byte store: a plain uint4 assignment may still be split into four.
+      asm volatile("st.v4.b32 [%0], {%1, %2, %3, %4};"
+                   ::"l"(reinterpret_cast<uint4*>(p) + i), "r"(word.x), "r"(word.y), "r"(word.z),
+                   "r"(word.w)
+                   : "memory");
     }
   } else if constexpr (bytes == 8) {
     uint2 word;
