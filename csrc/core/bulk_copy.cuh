@@ -1,6 +1,6 @@
 // Hopper (sm_90+) bulk asynchronous copies from global to shared memory, completing on an
-// mbarrier. On older archs these compile to a trap: hosts launch kernels using them only on
-// sm_90 and newer.
+// mbarrier, and cluster barrier arrivals. On older archs these compile to a trap: hosts launch
+// kernels using them only on sm_90 and newer.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -65,6 +65,27 @@ __device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, 
           "r"(smem_address(dst)),
       "l"(src), "r"(bytes), "r"(smem_address(bar))
       : "memory");
+#else
+  __trap();
+#endif
+}
+
+// An arrival on the cluster barrier that orders no memory by itself. A thread whose shared-memory
+// writes peers read after the barrier calls release_shared_to_cluster() before it arrives.
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+#ifdef UNSLOTH_EXT_BULK_COPY
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+// Orders this thread's earlier shared-memory writes before its later arrivals, for the cluster's
+// threads that wait on the barrier. Unlike a full release (the default arrival's), it does not wait
+// for the thread's global stores to complete.
+__device__ __forceinline__ void release_shared_to_cluster() {
+#ifdef UNSLOTH_EXT_BULK_COPY
+  asm volatile("fence.release.sync_restrict::shared::cta.cluster;" ::: "memory");
 #else
   __trap();
 #endif
