@@ -27,13 +27,20 @@ int sm_count() {
   return device_attribute(cudaDevAttrMultiProcessorCount, device, value);
 }
 
+size_t max_dynamic_smem() {
+  thread_local int device = -1, value = 0;
+  return static_cast<size_t>(
+      device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device, value));
+}
+
 namespace {
 
-// Launch queries cached per (kernel, device, shape), under one lock.
+// Launch queries cached per kernel and device (and block shape), under one lock.
 struct LaunchCache {
   std::mutex mutex;
   std::map<std::tuple<const void*, int, int, size_t, int>, int64_t> resident;
   std::map<std::pair<const void*, int>, size_t> allowed_smem;
+  std::map<std::pair<const void*, int>, int> ptx_version;
 
   // Raises the kernel's dynamic shared memory limit to `bytes` where the opt-in is needed; only
   // ever raised, as a launch cached earlier may need more than this one.
@@ -110,13 +117,14 @@ ClusterLaunch::ClusterLaunch(int64_t clusters, int cluster_size, int threads,
 }
 
 int kernel_ptx_version(const void* kernel) {
-  static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, int> versions;
+  LaunchCache& cache = launch_cache();
   int device = 0;
   cudaGetDevice(&device);
-  const std::lock_guard<std::mutex> lock(mutex);
+  const std::lock_guard<std::mutex> lock(cache.mutex);
   const auto key = std::make_pair(kernel, device);
-  if (const auto it = versions.find(key); it != versions.end()) return it->second;
+  if (const auto it = cache.ptx_version.find(key); it != cache.ptx_version.end()) {
+    return it->second;
+  }
   cudaFuncAttributes attr{};
   int version = 0;
   if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess) {
@@ -124,7 +132,7 @@ int kernel_ptx_version(const void* kernel) {
   } else {
     cudaGetLastError();  // a failed query is not an error of the caller
   }
-  versions.emplace(key, version);
+  cache.ptx_version.emplace(key, version);
   return version;
 }
 

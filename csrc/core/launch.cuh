@@ -14,12 +14,15 @@
 
 namespace unsloth_ext {
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Multiprocessor count of the current device, cached per device.
 int sm_count();
+
+// Dynamic shared memory a block may opt into on the current device, cached per device.
+size_t max_dynamic_smem();
 
 // How rows of `cols` elements are split over a block: threads_x threads per row (a multiple of
 // 32, enough for `unroll` vectors each) and rows_per_block row groups.

@@ -53,8 +53,6 @@ constexpr int kGemvRing = 4;
 constexpr int kLutEntryBytes = 256;
 constexpr int kLutBytes = 256 * kLutEntryBytes;
 
-__device__ __forceinline__ int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // The absmax of one block as loaded: the fp32 absmax, or for a double-quantized weight its uint8
 // code and the second-level scale.
 struct BlockAbsmax {
@@ -344,7 +342,7 @@ nf4_gemv_kernel(const NF4GemvParams p, int tiles_per_round) {
   unsigned char* lut = smem + (lut_base - smem_base);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const int64_t tiles = div_up(p.n, kTileRows);
+  const int64_t tiles = ceil_div(p.n, kTileRows);
   const int64_t tile_begin = blockIdx.x * tiles / gridDim.x;
   const int64_t tile_end = (blockIdx.x + 1) * tiles / gridDim.x;
   const auto slabs = static_cast<uint32_t>(p.k / kNF4GemvSlab);
@@ -459,19 +457,6 @@ void dispatch_16bit(DType d, F&& f) {
       throw std::invalid_argument(std::string("NF4 kernels produce bfloat16 or float16, not ") +
                                   dtype_name(d));
   }
-}
-
-// Dynamic shared memory a block may opt into on the current device, cached per device.
-size_t max_dynamic_smem() {
-  thread_local int device = -1;
-  thread_local int bytes = 0;
-  int current = 0;
-  cudaGetDevice(&current);
-  if (current != device) {
-    cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, current);
-    device = current;
-  }
-  return static_cast<size_t>(bytes);
 }
 
 template <typename T, int kMTiles, bool kDouble>
