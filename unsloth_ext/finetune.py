@@ -20,9 +20,12 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -145,6 +148,22 @@ def _memory_text(device: torch.device) -> str:
         return "n/a"
 
 
+@contextmanager
+def _interrupts_deferred():
+    """Holds SIGINT until the block ends, so that Ctrl-C lands after a checkpoint's files are
+    written and the stale ones removed (an interrupt inside shutil.rmtree can surface as an
+    OSError instead of KeyboardInterrupt). A no-op off the main thread or without signal masks."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def train(model, rows: list[dict], pad_token_id: int, config: TrainConfig,
           output: Path | None = None, tokenizer=None) -> list[float]:
     """AdamW on the trainable parameters over `rows` (see unsloth_ext.data). Returns the loss of
@@ -197,11 +216,12 @@ def train(model, rows: list[dict], pad_token_id: int, config: TrainConfig,
                         mem=_memory_text(device))
         if output is not None and config.save_every and (step + 1) % config.save_every == 0:
             checkpoint = output / f"checkpoint-{step + 1}"
-            save_adapter(model, tokenizer, checkpoint)
-            checkpoints.append(checkpoint)
-            for stale in checkpoints[:-2]:
-                shutil.rmtree(stale, ignore_errors=True)
-            del checkpoints[:-2]
+            with _interrupts_deferred():
+                save_adapter(model, tokenizer, checkpoint)
+                checkpoints.append(checkpoint)
+                for stale in checkpoints[:-2]:
+                    shutil.rmtree(stale, ignore_errors=True)
+                del checkpoints[:-2]
     bar.close()
     return losses
 
