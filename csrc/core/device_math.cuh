@@ -94,6 +94,30 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
   }
 }
 
+// A Vec held as 16-byte words: an array of Vecs of 16-bit elements that lives across loop
+// iterations can end up in 16-bit register pieces, moved one by one; words stay whole.
+template <typename T, int N>
+struct VecWords {
+  static_assert(sizeof(Vec<T, N>) % 16 == 0, "whole 16-byte words");
+  uint4 w[sizeof(Vec<T, N>) / 16];
+
+  __device__ __forceinline__ Vec<T, N> vec() const {
+    Vec<T, N> v;
+    memcpy(&v, w, sizeof(v));
+    return v;
+  }
+};
+
+template <typename T, int N>
+__device__ __forceinline__ VecWords<T, N> load_words(const T* p) {
+  VecWords<T, N> out;
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(out.w) / 16); ++i) {
+    out.w[i] = reinterpret_cast<const uint4*>(p)[i];
+  }
+  return out;
+}
+
 // Elements per 16-byte access.
 template <typename T>
 constexpr int kVec16 = 16 / sizeof(T);

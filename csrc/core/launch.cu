@@ -27,6 +27,11 @@ int sm_count() {
   return device_attribute(cudaDevAttrMultiProcessorCount, device, value);
 }
 
+int compute_major() {
+  thread_local int device = -1, value = 0;
+  return device_attribute(cudaDevAttrComputeCapabilityMajor, device, value);
+}
+
 size_t max_dynamic_smem() {
   thread_local int device = -1, value = 0;
   return static_cast<size_t>(

@@ -108,11 +108,32 @@ struct ClusterLaunch {
 // has no code for it. Cached per (kernel, device).
 int kernel_ptx_version(const void* kernel);
 
+// Compute capability major version of the current device, cached per device.
+int compute_major();
+
+// Programmatic dependent launch (sm_90+; elsewhere these do nothing): a kernel launched with the
+// programmatic stream serialization attribute may start before the kernel ahead of it on the
+// stream has finished, once all that kernel's blocks have called allow_dependent_launch() or
+// exited; it calls wait_for_prior_grid() before it reads anything that kernel wrote.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // Column sums of one or two [rows, cols] slabs stored back to back in `partial`:
 // out0[c] = sum_r slab0[r, c] and, with out1, out1[c] = sum_r slab1[r, c] (blockIdx.y picks the
 // slab: one launch, as a second costs about as much as the sums). A block owns 32 columns; its
 // kColumnSumLanes threads per column each add every kColumnSumLanes-th row, four loads in flight
 // at a time, and one thread per column then adds their sums. The order is fixed (deterministic).
+// It is launched as a dependent of the kernel that writes the slabs, so that its launch overlaps
+// that kernel's end.
 constexpr int kColumnSumLanes = 32;
 
 template <typename A, typename W>
@@ -121,6 +142,7 @@ column_sums_kernel(const A* __restrict__ partial, int64_t rows, int64_t cols,
                    W* __restrict__ out0, W* __restrict__ out1) {
   constexpr int kUnroll = 4;
   __shared__ A part[kColumnSumLanes][33];
+  wait_for_prior_grid();
   const A* slab = partial + blockIdx.y * rows * cols;
   W* out = blockIdx.y == 0 ? out0 : out1;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
@@ -149,9 +171,16 @@ column_sums_kernel(const A* __restrict__ partial, int64_t rows, int64_t cols,
 template <typename A, typename W>
 void launch_column_sums(const A* partial, int64_t rows, int64_t cols, W* out0, W* out1,
                         cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(ceil_div(cols, 32)), out1 != nullptr ? 2 : 1);
-  column_sums_kernel<A, W><<<grid, dim3(32, kColumnSumLanes), 0, stream>>>(partial, rows, cols,
-                                                                            out0, out1);
+  cudaLaunchAttribute dependent{};
+  dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  dependent.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(ceil_div(cols, 32)), out1 != nullptr ? 2 : 1);
+  config.blockDim = dim3(32, kColumnSumLanes);
+  config.stream = stream;
+  config.attrs = &dependent;
+  config.numAttrs = compute_major() >= 9 ? 1 : 0;
+  cudaLaunchKernelEx(&config, column_sums_kernel<A, W>, partial, rows, cols, out0, out1);
 }
 
 }  // namespace unsloth_ext

@@ -270,16 +270,6 @@ struct VecLen<Vec<T, N>> {
   static constexpr int value = N;
 };
 
-// Rows are held as 32-bit words while loads are in flight (two 16-bit elements per register) and
-// turned into a Vec only where they are used.
-template <typename T, int N>
-__device__ __forceinline__ Vec<T, N> from_words(const uint4& words) {
-  static_assert(sizeof(Vec<T, N>) == sizeof(uint4));
-  Vec<T, N> v;
-  memcpy(&v, &words, sizeof(words));
-  return v;
-}
-
 // A row cut at its 16-byte boundaries: `head` elements, n_vec aligned vectors of VEC, then the
 // rest. Scalar i < head + tail is column scalar_col(i).
 template <typename T, int VEC>
@@ -315,16 +305,16 @@ __device__ __forceinline__ void visit_row(const T* row, int64_t cols, F&& f) {
   const T* body = row + split.head;
   for (int64_t base = threadIdx.x; base < split.n_vec;
        base += static_cast<int64_t>(kRowUnroll) * blockDim.x) {
-    uint4 words[kRowUnroll];
+    VecWords<T, VEC> words[kRowUnroll];
 #pragma unroll
     for (int u = 0; u < kRowUnroll; ++u) {
       const int64_t j = base + u * blockDim.x;
-      if (j < split.n_vec) words[u] = *reinterpret_cast<const uint4*>(body + j * VEC);
+      if (j < split.n_vec) words[u] = load_words<T, VEC>(body + j * VEC);
     }
 #pragma unroll
     for (int u = 0; u < kRowUnroll; ++u) {
       const int64_t j = base + u * blockDim.x;
-      if (j < split.n_vec) f(from_words<T, VEC>(words[u]), split.head + j * VEC);
+      if (j < split.n_vec) f(words[u].vec(), split.head + j * VEC);
     }
   }
 }

@@ -370,8 +370,11 @@ norm_bwd_kernel(const NormBwdParams p, bool partial_in_smem) {
 // The backward on Hopper, for aligned rows of at most kBulkThreads * kBulkMaxVpt vectors. One
 // row group per block walks rows blockIdx.x, blockIdx.x + gridDim.x, ...; thread 0 keeps the
 // next rows of x, dy (and dres) in flight as bulk copies. Same math as norm_bwd_kernel. kHold
-// (no dres): pass 2 takes the row from registers and the stage is refilled between the passes;
-// otherwise pass 2 re-reads the stage, and it is refilled after pass 2.
+// (no dres): pass 2 takes the row from registers (held as whole words), the stage is refilled
+// between the passes, and the warps' sums alternate between two buffers by row parity, so one
+// barrier per row suffices (a thread writes a buffer again only after the next row's barrier,
+// which every reader of it has passed). Otherwise pass 2 re-reads the stage, which a second
+// barrier frees for its refill.
 template <NormKind K, typename T, typename W, typename O, int VPT, bool kHold>
 __global__ void __launch_bounds__(kBulkThreads, kBulkMinBlocks<VPT>)
 norm_bwd_bulk_kernel(const NormBwdParams p) {
@@ -381,7 +384,7 @@ norm_bwd_bulk_kernel(const NormBwdParams p) {
   constexpr int VEC = kVec16<T>;
   extern __shared__ __align__(128) unsigned char stage_bytes[];
   __shared__ uint64_t full[kStages];
-  __shared__ A red[2][32];
+  __shared__ A red[2][2][32];  // [row parity][dot, gsum][warp]
   const int64_t n_vec = p.cols / VEC;
   const bool has_db = kLayer && p.db != nullptr;
   const uint32_t x_bytes = static_cast<uint32_t>(p.cols * sizeof(T));
@@ -445,18 +448,18 @@ norm_bwd_bulk_kernel(const NormBwdParams p) {
     const A rstd = rstd_in[row];
     const A mean = kLayer ? mean_in[row] : A(0);
     mbarrier_wait(&full[s], (iter / kStages) & 1);
-    Vec<T, VEC> xv[kHold ? VPT : 1] = {};
-    Vec<O, VEC> gv[kHold ? VPT : 1] = {};
+    VecWords<T, VEC> xw[kHold ? VPT : 1] = {};
+    VecWords<O, VEC> gw[kHold ? VPT : 1] = {};
     const auto x_at = [&](int i, int64_t j) {
       if constexpr (kHold) {
-        return xv[i];
+        return xw[i].vec();
       } else {
         return load_vec<T, VEC>(xs + j * VEC);
       }
     };
     const auto dy_at = [&](int i, int64_t j) {
       if constexpr (kHold) {
-        return gv[i];
+        return gw[i].vec();
       } else {
         return load_vec<O, VEC>(dys + j * VEC);
       }
@@ -467,8 +470,8 @@ norm_bwd_bulk_kernel(const NormBwdParams p) {
       const int64_t j = static_cast<int64_t>(i) * blockDim.x + threadIdx.x;
       if (j < n_vec) {
         if constexpr (kHold) {
-          xv[i] = load_vec<T, VEC>(xs + j * VEC);
-          gv[i] = load_vec<O, VEC>(dys + j * VEC);
+          xw[i] = load_words<T, VEC>(xs + j * VEC);
+          gw[i] = load_words<O, VEC>(dys + j * VEC);
         }
         A xf[VEC], g[VEC], wf[VEC];
         to_acc(x_at(i, j), xf);
@@ -484,16 +487,17 @@ norm_bwd_bulk_kernel(const NormBwdParams p) {
     }
     dot = warp_sum(dot);
     if (kLayer) gsum = warp_sum(gsum);
+    A(&part)[2][32] = red[kHold ? iter & 1 : 0];
     if (threadIdx.x % 32 == 0) {
-      red[0][threadIdx.x / 32] = dot;
-      red[1][threadIdx.x / 32] = gsum;
+      part[0][threadIdx.x / 32] = dot;
+      part[1][threadIdx.x / 32] = gsum;
     }
     __syncthreads();
     if constexpr (kHold) refill(s, row);
     A dot_total = 0, gsum_total = 0;
     for (int w = 0; w < warps; ++w) {
-      dot_total += red[0][w];
-      gsum_total += red[1][w];
+      dot_total += part[0][w];
+      gsum_total += part[1][w];
     }
     const A c_x = rstd * rstd * rstd * dot_total * inv_cols;
     const A c_g = kLayer ? rstd * gsum_total * inv_cols : A(0);
@@ -526,9 +530,12 @@ norm_bwd_bulk_kernel(const NormBwdParams p) {
         }
       }
     }
-    __syncthreads();  // every thread is done with red (and, without kHold, with stage s)
-    if constexpr (!kHold) refill(s, row);
+    if constexpr (!kHold) {
+      __syncthreads();  // every thread is done with red and with stage s
+      refill(s, row);
+    }
   }
+  allow_dependent_launch();  // the column sums may launch (they wait for these stores)
   A* dw_partial = static_cast<A*>(p.partial) + static_cast<int64_t>(blockIdx.x) * p.cols;
   A* db_partial = dw_partial + static_cast<int64_t>(gridDim.x) * p.cols;
 #pragma unroll
