@@ -22,8 +22,8 @@ import random
 import shutil
 import signal
 import sys
-import threading
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass

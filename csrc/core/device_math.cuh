@@ -43,6 +43,30 @@ struct alignas(sizeof(T) * N > 16 ? 16 : sizeof(T) * N) Vec {
   T v[N];
 };
 
+// A Vec held as 16-byte words: an array of Vecs of 16-bit elements that lives across loop
+// iterations can end up in 16-bit register pieces, moved one by one; words stay whole.
+template <typename T, int N>
+struct VecWords {
+  static_assert(sizeof(Vec<T, N>) % 16 == 0, "whole 16-byte words");
+  uint4 w[sizeof(Vec<T, N>) / 16];
+
+  __device__ __forceinline__ Vec<T, N> vec() const {
+    Vec<T, N> v;
+    memcpy(&v, w, sizeof(v));
+    return v;
+  }
+};
+
+template <typename T, int N>
+__device__ __forceinline__ VecWords<T, N> load_words(const T* p) {
+  VecWords<T, N> out;
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(out.w) / 16); ++i) {
+    out.w[i] = reinterpret_cast<const uint4*>(p)[i];
+  }
+  return out;
+}
+
 // Vectors move as whole 16/8/4-byte words: through the struct, the compiler may split a 16-byte
 // access of 16-bit elements into 2- and 4-byte pieces.
 template <typename T, int N>
@@ -50,11 +74,7 @@ __device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
   Vec<T, N> v;
   constexpr int bytes = sizeof(Vec<T, N>);
   if constexpr (bytes % 16 == 0) {
-#pragma unroll
-    for (int i = 0; i < bytes / 16; ++i) {
-      const uint4 word = reinterpret_cast<const uint4*>(p)[i];
-      memcpy(reinterpret_cast<char*>(&v) + 16 * i, &word, 16);
-    }
+    v = load_words<T, N>(p).vec();
   } else if constexpr (bytes == 8) {
     const uint2 word = *reinterpret_cast<const uint2*>(p);
     memcpy(&v, &word, 8);
@@ -92,30 +112,6 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
   } else {
     *reinterpret_cast<Vec<T, N>*>(p) = v;
   }
-}
-
-// A Vec held as 16-byte words: an array of Vecs of 16-bit elements that lives across loop
-// iterations can end up in 16-bit register pieces, moved one by one; words stay whole.
-template <typename T, int N>
-struct VecWords {
-  static_assert(sizeof(Vec<T, N>) % 16 == 0, "whole 16-byte words");
-  uint4 w[sizeof(Vec<T, N>) / 16];
-
-  __device__ __forceinline__ Vec<T, N> vec() const {
-    Vec<T, N> v;
-    memcpy(&v, w, sizeof(v));
-    return v;
-  }
-};
-
-template <typename T, int N>
-__device__ __forceinline__ VecWords<T, N> load_words(const T* p) {
-  VecWords<T, N> out;
-#pragma unroll
-  for (int i = 0; i < static_cast<int>(sizeof(out.w) / 16); ++i) {
-    out.w[i] = reinterpret_cast<const uint4*>(p)[i];
-  }
-  return out;
 }
 
 // Elements per 16-byte access.

@@ -20,16 +20,17 @@ int device_attribute(cudaDeviceAttr attr, int& cached_device, int& cached_value)
   return cached_value;
 }
 
+// Compute capability major version of the current device, cached per device.
+int compute_major() {
+  thread_local int device = -1, value = 0;
+  return device_attribute(cudaDevAttrComputeCapabilityMajor, device, value);
+}
+
 }  // namespace
 
 int sm_count() {
   thread_local int device = -1, value = 0;
   return device_attribute(cudaDevAttrMultiProcessorCount, device, value);
-}
-
-int compute_major() {
-  thread_local int device = -1, value = 0;
-  return device_attribute(cudaDevAttrComputeCapabilityMajor, device, value);
 }
 
 size_t max_dynamic_smem() {
@@ -107,18 +108,31 @@ int64_t prepare_clusters(const void* kernel, int threads, size_t dynamic_smem, i
   return total;
 }
 
-ClusterLaunch::ClusterLaunch(int64_t clusters, int cluster_size, int threads,
-                             size_t dynamic_smem, cudaStream_t stream) {
-  cluster_dim.id = cudaLaunchAttributeClusterDimension;
-  cluster_dim.val.clusterDim.x = static_cast<unsigned>(cluster_size);
-  cluster_dim.val.clusterDim.y = 1;
-  cluster_dim.val.clusterDim.z = 1;
-  config.gridDim = dim3(static_cast<unsigned>(clusters * cluster_size));
-  config.blockDim = dim3(static_cast<unsigned>(threads));
+AttributeLaunch::AttributeLaunch(dim3 grid, dim3 block, size_t dynamic_smem,
+                                 cudaStream_t stream) {
+  config.gridDim = grid;
+  config.blockDim = block;
   config.dynamicSmemBytes = dynamic_smem;
   config.stream = stream;
-  config.attrs = &cluster_dim;
+  config.attrs = &attribute;
   config.numAttrs = 1;
+}
+
+ClusterLaunch::ClusterLaunch(int64_t clusters, int cluster_size, int threads,
+                             size_t dynamic_smem, cudaStream_t stream)
+    : AttributeLaunch(dim3(static_cast<unsigned>(clusters * cluster_size)),
+                      dim3(static_cast<unsigned>(threads)), dynamic_smem, stream) {
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = static_cast<unsigned>(cluster_size);
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+}
+
+DependentLaunch::DependentLaunch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t stream)
+    : AttributeLaunch(grid, block, dynamic_smem, stream) {
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.numAttrs = compute_major() >= 9 ? 1 : 0;
 }
 
 int kernel_ptx_version(const void* kernel) {

@@ -93,23 +93,31 @@ int64_t prepare_blocks(Kernel kernel, int threads, size_t dynamic_smem) {
 // once, or 0 when it cannot launch them. Cached the same way.
 int64_t prepare_clusters(const void* kernel, int threads, size_t dynamic_smem, int cluster_size);
 
-// A launch of `clusters` 1-D clusters of `cluster_size` blocks, for cudaLaunchKernelEx. Not
-// copyable: config.attrs points at the cluster attribute inside.
-struct ClusterLaunch {
-  cudaLaunchAttribute cluster_dim{};
+// A launch for cudaLaunchKernelEx with one launch attribute (numAttrs 0 leaves it off). Not
+// copyable: config.attrs points at the attribute inside.
+struct AttributeLaunch {
+  cudaLaunchAttribute attribute{};
   cudaLaunchConfig_t config{};
+  AttributeLaunch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t stream);
+  AttributeLaunch(const AttributeLaunch&) = delete;
+  AttributeLaunch& operator=(const AttributeLaunch&) = delete;
+};
+
+// A launch of `clusters` 1-D clusters of `cluster_size` blocks.
+struct ClusterLaunch : AttributeLaunch {
   ClusterLaunch(int64_t clusters, int cluster_size, int threads, size_t dynamic_smem,
                 cudaStream_t stream);
-  ClusterLaunch(const ClusterLaunch&) = delete;
-  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
+};
+
+// A launch that may start while the kernel ahead of it on the stream finishes (see
+// allow_dependent_launch); an ordinary launch before sm_90.
+struct DependentLaunch : AttributeLaunch {
+  DependentLaunch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t stream);
 };
 
 // The PTX version `kernel` was compiled from for the current device (90: sm_90), or 0 when it
 // has no code for it. Cached per (kernel, device).
 int kernel_ptx_version(const void* kernel);
-
-// Compute capability major version of the current device, cached per device.
-int compute_major();
 
 // Programmatic dependent launch (sm_90+; elsewhere these do nothing): a kernel launched with the
 // programmatic stream serialization attribute may start before the kernel ahead of it on the
@@ -171,16 +179,9 @@ column_sums_kernel(const A* __restrict__ partial, int64_t rows, int64_t cols,
 template <typename A, typename W>
 void launch_column_sums(const A* partial, int64_t rows, int64_t cols, W* out0, W* out1,
                         cudaStream_t stream) {
-  cudaLaunchAttribute dependent{};
-  dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  dependent.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(ceil_div(cols, 32)), out1 != nullptr ? 2 : 1);
-  config.blockDim = dim3(32, kColumnSumLanes);
-  config.stream = stream;
-  config.attrs = &dependent;
-  config.numAttrs = compute_major() >= 9 ? 1 : 0;
-  cudaLaunchKernelEx(&config, column_sums_kernel<A, W>, partial, rows, cols, out0, out1);
+  const DependentLaunch launch(dim3(static_cast<unsigned>(ceil_div(cols, 32)), out1 ? 2 : 1),
+                               dim3(32, kColumnSumLanes), 0, stream);
+  cudaLaunchKernelEx(&launch.config, column_sums_kernel<A, W>, partial, rows, cols, out0, out1);
 }
 
 }  // namespace unsloth_ext

@@ -66,11 +66,17 @@ __device__ __forceinline__ BlockAbsmax load_absmax(const NF4View& w, int64_t blo
           __ldg(static_cast<const uint8_t*>(w.absmax) + block)};
 }
 
-// The absmax decoded as bitsandbytes does (multiply, then add the offset, rounding after each).
+// A double-quantized absmax decoded as bitsandbytes does: its code's value times the
+// second-level scale, plus the offset, rounding after each.
+__device__ __forceinline__ float decode_double_quant(float code_value, float scale2,
+                                                     float offset) {
+  return __fadd_rn(__fmul_rn(code_value, scale2), offset);
+}
+
 __device__ __forceinline__ float decode_absmax(const NF4View& w, const BlockAbsmax& a,
                                                const float* code2) {
   if (w.absmax2 == nullptr) return a.value;
-  return __fadd_rn(__fmul_rn(code2[a.code], a.value), w.offset);
+  return decode_double_quant(code2[a.code], a.value, w.offset);
 }
 
 // The second-level code table in shared memory (only read for double-quantized weights).
@@ -243,7 +249,7 @@ __device__ __forceinline__ void compute_slab(const GemvSlab<kDouble>& s, float (
   float scale[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    scale[r] = kDouble ? __fadd_rn(__fmul_rn(code2[s.scale[r]], s.scale2[r]), offset)
+    scale[r] = kDouble ? decode_double_quant(code2[s.scale[r]], s.scale2[r], offset)
                        : __uint_as_float(s.scale[r]);
   }
   uint32_t xw[kMTiles][8];
