@@ -173,6 +173,25 @@ def test_kernel_matches_reference(shape, dtype, with_bias):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", [769, 4096, 65537])
+def test_kernel_rows_far_from_zero_mean(dtype, cols):
+    # A row whose mean dwarfs its spread (odd rows, offset 1000) or that is constant (row 2)
+    # loses its variance to cancellation in E[x^2] - mean^2: the kernel must take the exact pass
+    # for those rows, beside rows of the same block that take the one-pass moments.
+    # PyTorch's own fp32 statistics lose digits on such rows too: both are judged against fp64.
+    x, w, b = _inputs((8, cols), dtype, "cuda")
+    x[1::2] += 996.0
+    x[2] = 5.0
+    y, mean, rstd = _run_fwd(x, w, b)
+    ry, _, _ = layer_norm_fwd_reference(x, w, b, EPS)
+    oy, omean, orstd = layer_norm_fwd_reference(x.double(), w.double(), b.double(), EPS)
+    assert_close(mean, omean.float(), dtype=torch.float32)
+    assert_close(rstd, orstd.float(), dtype=torch.float32)
+    assert_no_worse_than_reference(y, ry, oy)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES_16)
 @pytest.mark.parametrize("shape", [(5, 769), (8, 4096), (4, 5120), (2, 65537)], ids=str)
 def test_kernel_fp32_params(shape, dtype):

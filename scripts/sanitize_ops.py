@@ -19,7 +19,8 @@ def rows_ops(dtype: torch.dtype, cols: int) -> None:
     r = torch.randn(5, cols, device="cuda", dtype=dtype, requires_grad=True)
     w = torch.randn(cols, device="cuda", dtype=dtype, requires_grad=True)
     b = torch.randn(cols, device="cuda", dtype=dtype, requires_grad=True)
-    y = rms_norm(x, w) + layer_norm(x, w, b)
+    # Offset rows take LayerNorm's second statistics pass.
+    y = rms_norm(x, w) + layer_norm(x, w, b) + layer_norm(x + 1000.0, w, b)
     ya, ra = add_rms_norm(x, r, w)
     (y.float().sum() + ya.float().sum() + ra.float().sum()).backward()
     e, g = torch.randn(2, 3, cols, device="cuda", dtype=dtype, requires_grad=True).unbind(0)[:2]

@@ -184,20 +184,35 @@ __device__ __forceinline__ void row_group_sync() {
   asm volatile("bar.sync %0, %1;" ::"r"(threadIdx.y + 1), "r"(blockDim.x) : "memory");
 }
 
-// Sum over the threads of one row group. `scratch` holds 32 accumulators per row group. Every
-// thread of the group must call it.
+// Sums over the threads of one row group of each of v's N values (one barrier for all), through
+// `scratch` (N * 32 accumulators per row group), which may be written again only after the
+// group's next barrier. Every thread of the group must call it, and gets the sums in v.
+template <int N, typename A>
+__device__ __forceinline__ void row_group_sums_once(A (&v)[N], A* scratch) {
+#pragma unroll
+  for (int n = 0; n < N; ++n) v[n] = warp_sum(v[n]);
+  const int warps = blockDim.x / 32;
+  if (warps == 1) return;
+  A* s = scratch + threadIdx.y * N * 32;
+  if (threadIdx.x % 32 == 0) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) s[n * 32 + threadIdx.x / 32] = v[n];
+  }
+  row_group_sync();
+  // Every warp adds the warps' sums by the same butterfly: the same result in every thread.
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int n = 0; n < N; ++n) v[n] = warp_sum(lane < warps ? s[n * 32 + lane] : A(0));
+}
+
+// The sum of one value over the row group (32 accumulators per row group in `scratch`), after
+// which the scratch may be written again at once.
 template <typename A>
 __device__ __forceinline__ A row_group_sum(A v, A* scratch) {
-  v = warp_sum(v);
-  const int warps = blockDim.x / 32;
-  if (warps == 1) return v;
-  A* s = scratch + threadIdx.y * 32;
-  if (threadIdx.x % 32 == 0) s[threadIdx.x / 32] = v;
-  row_group_sync();
-  A total = 0;
-  for (int w = 0; w < warps; ++w) total += s[w];
-  row_group_sync();
-  return total;
+  A sums[1] = {v};
+  row_group_sums_once(sums, scratch);
+  if (blockDim.x > 32) row_group_sync();
+  return sums[0];
 }
 
 }  // namespace unsloth_ext

@@ -15,24 +15,18 @@ namespace {
 constexpr int kFwdThreads = 512;
 constexpr int kFwdMinBlocks = 4;
 constexpr int kFwdUnroll = 2;
-// LayerNorm's forward takes twice the vectors per thread: each row's (count, mean, m2) merge then
-// spans half the warps, and at two blocks per SM (64 registers a thread) the chunk stays in
-// registers. On the H200, [16384, 4096] bf16: 84 us against 102 us at kFwdUnroll, four blocks.
-constexpr int kLayerFwdUnroll = 4;
-constexpr int kLayerFwdMinBlocks = 2;
 constexpr int kBwdThreads = 512;
 constexpr int kBwdMinBlocks = 2;
 constexpr int kBwdUnroll = 2;
-// The Hopper backward: rows of x and dy (and dres) staged in shared memory by bulk copies; the
-// weight and the dW/db partials of a thread's columns (kBulkMaxVpt vectors at most) in
-// registers. Without dres, pass 1 also moves the row into registers and its stage is refilled at
-// once, so two stages keep a row in flight behind the one being worked on. With dres (three
-// staged rows would not fit in registers beside the partials) pass 2 re-reads the stage, which is
-// refilled only after it: three stages keep two rows in flight.
+// The Hopper backward: rows of x and dy (and dres) staged in shared memory by bulk copies, three
+// stages deep (two rows in flight behind the one being worked on); the weight and the dW/db
+// partials of a thread's columns (kBulkMaxVpt vectors at most) in registers. Both passes read
+// the row from its stage, which is refilled after pass 2. (Holding the row in registers between
+// the passes, to refill its stage earlier, measured slower on the H200: LayerNorm's backward 109
+// against 99 us, its partials then spilling.)
 constexpr int kBulkThreads = 256;
 constexpr int kBulkMaxVpt = 4;
-template <bool kHold>
-constexpr int kBulkStages = kHold ? 2 : 3;
+constexpr int kBulkStages = 3;
 // Blocks per SM the register budget must allow (four: 64 registers a thread, three: 80, two:
 // 128), as many as a thread's partials (dW, and db for LayerNorm) and row vectors leave room
 // for: fewer blocks keep too few rows in flight.
@@ -89,73 +83,77 @@ __device__ __forceinline__ void row_group_moments(A count, A& mean, A& m2,
   m2 = m2_part[0];
 }
 
+// The row's mean and variance from one read of it: its sum and sum of squares (U vector loads
+// in flight per thread). That variance, E[x^2] - mean^2, loses bits to cancellation when the mean
+// is large beside the spread: while mean^2 <= kOnePassMeanRatio * variance, E[x^2] is at most
+// kOnePassMeanRatio + 1 times the variance, and under three bits are lost. Other rows (far from
+// zero mean, or constant) take a second pass over the row (hitting L1), the corrected two-pass
+// algorithm: with d = x - mean, the mean moves by mean(d) and the variance is
+// mean(d^2) - mean(d)^2, both as exact as the deviations. A last pass writes y.
+constexpr float kOnePassMeanRatio = 7.0f;
+
 template <typename T, typename W, int VEC>
-__global__ void __launch_bounds__(kFwdThreads, kLayerFwdMinBlocks)
+__global__ void __launch_bounds__(kFwdThreads, kFwdMinBlocks)
 layer_norm_fwd_kernel(const LayerNormFwdParams p) {
   using A = acc_t<T>;
-  __shared__ A scratch[3][kMaxRowGroups * 32];
+  __shared__ A sums_scratch[2 * kMaxRowGroups * 32];
+  __shared__ A devs_scratch[2 * kMaxRowGroups * 32];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  const bool valid = row < p.rows;
+  if (row >= p.rows) return;  // the whole row group: its barriers are its own
   const int64_t n_vec = p.cols / VEC;
-  const int64_t stride = static_cast<int64_t>(kLayerFwdUnroll) * blockDim.x;
-  const T* x = static_cast<const T*>(p.x) + (valid ? row : 0) * p.x_row_stride;
+  const T* x = static_cast<const T*>(p.x) + row * p.x_row_stride;
   const W* w = static_cast<const W*>(p.weight);
   const W* b = static_cast<const W*>(p.bias);
-  T* y = static_cast<T*>(p.y) + (valid ? row : 0) * p.cols;
+  T* y = static_cast<T*>(p.y) + row * p.cols;
+  const A inv_cols = A(1) / A(p.cols);
 
-  // Welford over chunks of kLayerFwdUnroll vectors: a chunk's own mean and squared deviations from
-  // registers, then one merge into the thread's running (count, mean, m2).
-  A count = 0, mean = 0, m2 = 0;
-  for (int64_t base = threadIdx.x; valid && base < n_vec; base += stride) {
-    Vec<T, VEC> xv[kLayerFwdUnroll] = {};  // zeroed: a maybe-unloaded vector is otherwise spilled
-    int loaded = 0;
+  A sums[2] = {0, 0};  // of x, of x^2
+  for (int64_t base = threadIdx.x; base < n_vec; base += kFwdUnroll * blockDim.x) {
+    Vec<T, VEC> xv[kFwdUnroll];
 #pragma unroll
-    for (int u = 0; u < kLayerFwdUnroll; ++u) {
+    for (int u = 0; u < kFwdUnroll; ++u) {
       const int64_t j = base + u * blockDim.x;
-      if (j < n_vec) {
-        xv[u] = load_vec<T, VEC>(x + j * VEC);
-        ++loaded;
-      }
+      if (j < n_vec) xv[u] = load_vec<T, VEC>(x + j * VEC);
     }
-    // The vectors are widened twice rather than kept widened (fewer live registers).
-    A sum = 0;
 #pragma unroll
-    for (int u = 0; u < kLayerFwdUnroll; ++u) {
-      A xf[VEC];
-      to_acc(xv[u], xf);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) sum += xf[k];  // unloaded vectors are zeros
-    }
-    const A chunk_count = A(loaded * VEC);
-    const A chunk_mean = sum / chunk_count;
-    A chunk_m2 = 0;
-#pragma unroll
-    for (int u = 0; u < kLayerFwdUnroll; ++u) {
-      if (u < loaded) {
+    for (int u = 0; u < kFwdUnroll; ++u) {
+      if (base + u * blockDim.x < n_vec) {
         A xf[VEC];
         to_acc(xv[u], xf);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          const A d = xf[k] - chunk_mean;
-          chunk_m2 += d * d;
+          sums[0] += xf[k];
+          sums[1] += xf[k] * xf[k];
         }
       }
     }
-    const A before = count;
-    count += chunk_count;
-    const A share = chunk_count / count;
-    const A delta = chunk_mean - mean;
-    mean += delta * share;
-    m2 += chunk_m2 + delta * delta * before * share;
   }
-  row_group_moments(count, mean, m2, scratch);
-  const A rstd = rsqrt_acc(m2 / A(p.cols) + A(p.eps));
-  if (!valid) return;
+  row_group_sums_once(sums, sums_scratch);
+  A mean = sums[0] * inv_cols;
+  A var = max(sums[1] * inv_cols - mean * mean, A(0));
+  if (mean * mean > A(kOnePassMeanRatio) * var) {  // the same in every thread of the group
+    A devs[2] = {0, 0};  // of d, of d^2
+    for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
+      A xf[VEC];
+      to_acc(load_vec<T, VEC>(x + j * VEC), xf);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const A d = xf[k] - mean;
+        devs[0] += d;
+        devs[1] += d * d;
+      }
+    }
+    row_group_sums_once(devs, devs_scratch);
+    const A shift = devs[0] * inv_cols;
+    mean += shift;
+    var = max(devs[1] * inv_cols - shift * shift, A(0));
+  }
+  const A rstd = rsqrt_acc(var + A(p.eps));
   if (threadIdx.x == 0) {
     static_cast<A*>(p.mean)[row] = mean;
     static_cast<A*>(p.rstd)[row] = rstd;
   }
-  // The second pass hits L1: one vector at a time keeps registers (and so occupancy) for pass 1.
+  // The last pass hits L1: one vector at a time keeps registers (and so occupancy) for pass 1.
 #pragma unroll 1
   for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
     A xf[VEC], wf[VEC], bf[VEC] = {}, out[VEC];
@@ -369,30 +367,26 @@ norm_bwd_kernel(const NormBwdParams p, bool partial_in_smem) {
 
 // The backward on Hopper, for aligned rows of at most kBulkThreads * kBulkMaxVpt vectors. One
 // row group per block walks rows blockIdx.x, blockIdx.x + gridDim.x, ...; thread 0 keeps the
-// next rows of x, dy (and dres) in flight as bulk copies. Same math as norm_bwd_kernel. kHold
-// (no dres): pass 2 takes the row from registers (held as whole words), the stage is refilled
-// between the passes, and the warps' sums alternate between two buffers by row parity, so one
-// barrier per row suffices (a thread writes a buffer again only after the next row's barrier,
-// which every reader of it has passed). Otherwise pass 2 re-reads the stage, which a second
-// barrier frees for its refill.
-template <NormKind K, typename T, typename W, typename O, int VPT, bool kHold>
+// next rows of x, dy (and dres) in flight as bulk copies. Same math as norm_bwd_kernel. kDres
+// (RMSNorm with dres) is a compile-time choice, so the loops carry no test of it.
+template <NormKind K, typename T, typename W, typename O, int VPT, bool kDres>
 __global__ void __launch_bounds__(kBulkThreads, kBulkMinBlocks<VPT>)
 norm_bwd_bulk_kernel(const NormBwdParams p) {
   constexpr bool kLayer = K == NormKind::kLayerNorm;
-  constexpr int kStages = kBulkStages<kHold>;
+  static_assert(!(kLayer && kDres), "dres is RMSNorm's");
   using A = acc_t<T>;
   constexpr int VEC = kVec16<T>;
   extern __shared__ __align__(128) unsigned char stage_bytes[];
-  __shared__ uint64_t full[kStages];
-  __shared__ A red[2][2][32];  // [row parity][dot, gsum][warp]
+  __shared__ uint64_t full[kBulkStages];
+  __shared__ A red[2][32];  // [dot, gsum][warp]
   const int64_t n_vec = p.cols / VEC;
   const bool has_db = kLayer && p.db != nullptr;
   const uint32_t x_bytes = static_cast<uint32_t>(p.cols * sizeof(T));
   const uint32_t dy_bytes = static_cast<uint32_t>(p.cols * sizeof(O));
-  const uint32_t dres_bytes = kHold ? 0 : x_bytes;
+  const uint32_t dres_bytes = kDres ? x_bytes : 0;
   T* x_stage = reinterpret_cast<T*>(stage_bytes);
-  O* dy_stage = reinterpret_cast<O*>(stage_bytes + kStages * x_bytes);
-  T* dres_stage = reinterpret_cast<T*>(stage_bytes + kStages * (x_bytes + dy_bytes));
+  O* dy_stage = reinterpret_cast<O*>(stage_bytes + kBulkStages * x_bytes);
+  T* dres_stage = reinterpret_cast<T*>(stage_bytes + kBulkStages * (x_bytes + dy_bytes));
   const A* mean_in = static_cast<const A*>(p.mean);
   const A* rstd_in = static_cast<const A*>(p.rstd);
   const A w_shift = !kLayer && p.gemma ? A(1) : A(0);
@@ -400,29 +394,25 @@ norm_bwd_bulk_kernel(const NormBwdParams p) {
   const A inv_cols = A(1) / A(p.cols);
   const int warps = blockDim.x / 32;
 
+  // Thread 0 only: row `row` into stage s.
   const auto fetch = [&](int s, int64_t row) {
     mbarrier_arrive_expect(&full[s], x_bytes + dy_bytes + dres_bytes);
     bulk_copy_to_shared(x_stage + s * p.cols, static_cast<const T*>(p.x) + row * p.x_row_stride,
                         x_bytes, &full[s]);
     bulk_copy_to_shared(dy_stage + s * p.cols,
                         static_cast<const O*>(p.dy) + row * p.dy_row_stride, dy_bytes, &full[s]);
-    if constexpr (!kHold) {
+    if constexpr (kDres) {
       bulk_copy_to_shared(dres_stage + s * p.cols,
                           static_cast<const T*>(p.dres) + row * p.dres_row_stride, dres_bytes,
                           &full[s]);
     }
   };
-  // Called by every thread once all are done with stage s: the row kStages on takes it.
-  const auto refill = [&](int s, int64_t row) {
-    const int64_t next = row + static_cast<int64_t>(kStages) * gridDim.x;
-    if (threadIdx.x == 0 && next < p.rows) fetch(s, next);
-  };
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) mbarrier_init(&full[s], 1);
+    for (int s = 0; s < kBulkStages; ++s) mbarrier_init(&full[s], 1);
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
+    for (int s = 0; s < kBulkStages; ++s) {
       const int64_t row = blockIdx.x + static_cast<int64_t>(s) * gridDim.x;
       if (row < p.rows) fetch(s, row);
     }
@@ -442,40 +432,20 @@ norm_bwd_bulk_kernel(const NormBwdParams p) {
   }
   int iter = 0;
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x, ++iter) {
-    const int s = iter % kStages;
+    const int s = iter % kBulkStages;
     const T* xs = x_stage + s * p.cols;
     const O* dys = dy_stage + s * p.cols;
     const A rstd = rstd_in[row];
     const A mean = kLayer ? mean_in[row] : A(0);
-    mbarrier_wait(&full[s], (iter / kStages) & 1);
-    VecWords<T, VEC> xw[kHold ? VPT : 1] = {};
-    VecWords<O, VEC> gw[kHold ? VPT : 1] = {};
-    const auto x_at = [&](int i, int64_t j) {
-      if constexpr (kHold) {
-        return xw[i].vec();
-      } else {
-        return load_vec<T, VEC>(xs + j * VEC);
-      }
-    };
-    const auto dy_at = [&](int i, int64_t j) {
-      if constexpr (kHold) {
-        return gw[i].vec();
-      } else {
-        return load_vec<O, VEC>(dys + j * VEC);
-      }
-    };
+    mbarrier_wait(&full[s], (iter / kBulkStages) & 1);
     A dot = 0, gsum = 0;
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
       const int64_t j = static_cast<int64_t>(i) * blockDim.x + threadIdx.x;
       if (j < n_vec) {
-        if constexpr (kHold) {
-          xw[i] = load_words<T, VEC>(xs + j * VEC);
-          gw[i] = load_words<O, VEC>(dys + j * VEC);
-        }
         A xf[VEC], g[VEC], wf[VEC];
-        to_acc(x_at(i, j), xf);
-        to_acc(dy_at(i, j), g);
+        to_acc(load_vec<T, VEC>(xs + j * VEC), xf);
+        to_acc(load_vec<O, VEC>(dys + j * VEC), g);
         to_acc(wv[i], wf);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
@@ -487,17 +457,15 @@ norm_bwd_bulk_kernel(const NormBwdParams p) {
     }
     dot = warp_sum(dot);
     if (kLayer) gsum = warp_sum(gsum);
-    A(&part)[2][32] = red[kHold ? iter & 1 : 0];
     if (threadIdx.x % 32 == 0) {
-      part[0][threadIdx.x / 32] = dot;
-      part[1][threadIdx.x / 32] = gsum;
+      red[0][threadIdx.x / 32] = dot;
+      red[1][threadIdx.x / 32] = gsum;
     }
     __syncthreads();
-    if constexpr (kHold) refill(s, row);
     A dot_total = 0, gsum_total = 0;
     for (int w = 0; w < warps; ++w) {
-      dot_total += part[0][w];
-      gsum_total += part[1][w];
+      dot_total += red[0][w];
+      gsum_total += red[1][w];
     }
     const A c_x = rstd * rstd * rstd * dot_total * inv_cols;
     const A c_g = kLayer ? rstd * gsum_total * inv_cols : A(0);
@@ -507,15 +475,15 @@ norm_bwd_bulk_kernel(const NormBwdParams p) {
       const int64_t j = static_cast<int64_t>(i) * blockDim.x + threadIdx.x;
       if (j < n_vec) {
         A xf[VEC], dyf[VEC], wf[VEC], out[VEC], xhat[VEC];
-        to_acc(x_at(i, j), xf);
-        to_acc(dy_at(i, j), dyf);
+        to_acc(load_vec<T, VEC>(xs + j * VEC), xf);
+        to_acc(load_vec<O, VEC>(dys + j * VEC), dyf);
         to_acc(wv[i], wf);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           out[k] = rstd * dyf[k] * (wf[k] + w_shift) - c_g - c_x * (xf[k] - mean);
           xhat[k] = (xf[k] - mean) * rstd;
         }
-        if constexpr (!kHold) {
+        if constexpr (kDres) {
           A rf[VEC];
           to_acc(load_vec<T, VEC>(dres_stage + s * p.cols + j * VEC), rf);
 #pragma unroll
@@ -530,10 +498,9 @@ norm_bwd_bulk_kernel(const NormBwdParams p) {
         }
       }
     }
-    if constexpr (!kHold) {
-      __syncthreads();  // every thread is done with red and with stage s
-      refill(s, row);
-    }
+    __syncthreads();  // every thread is done with red and with stage s: the row 3 on takes it
+    const int64_t next = row + static_cast<int64_t>(kBulkStages) * gridDim.x;
+    if (threadIdx.x == 0 && next < p.rows) fetch(s, next);
   }
   allow_dependent_launch();  // the column sums may launch (they wait for these stores)
   A* dw_partial = static_cast<A*>(p.partial) + static_cast<int64_t>(blockIdx.x) * p.cols;
@@ -550,20 +517,19 @@ norm_bwd_bulk_kernel(const NormBwdParams p) {
   }
 }
 
-// Calls f(vpt_c, hold_c): the bulk kernel's vectors per thread and kHold as constants. kHold
-// is p.dres == nullptr, always so for LayerNorm.
+// Calls f(vpt_c, dres_c): the bulk kernel's vectors per thread and kDres as constants.
 template <NormKind K, typename F>
-void dispatch_bulk(int vpt, bool hold, F&& f) {
-  const auto with_vpt = [&](auto hold_c) {
+void dispatch_bulk(int vpt, bool dres, F&& f) {
+  const auto with_vpt = [&](auto dres_c) {
     switch (vpt) {
-      case 1: f(std::integral_constant<int, 1>{}, hold_c); return;
-      case 2: f(std::integral_constant<int, 2>{}, hold_c); return;
-      default: f(std::integral_constant<int, kBulkMaxVpt>{}, hold_c); return;
+      case 1: f(std::integral_constant<int, 1>{}, dres_c); return;
+      case 2: f(std::integral_constant<int, 2>{}, dres_c); return;
+      default: f(std::integral_constant<int, kBulkMaxVpt>{}, dres_c); return;
     }
   };
   if constexpr (K == NormKind::kLayerNorm) {
-    with_vpt(std::true_type{});
-  } else if (hold) {
+    with_vpt(std::false_type{});
+  } else if (dres) {
     with_vpt(std::true_type{});
   } else {
     with_vpt(std::false_type{});
@@ -592,7 +558,7 @@ void dispatch_types(DType x, DType w, DType o, F&& f) {
 template <typename T, typename W>
 void layer_norm_fwd_typed(const LayerNormFwdParams& p, cudaStream_t stream) {
   const int vec = vector_width<T>({p.x, p.weight, p.bias, p.y}, {p.x_row_stride}, p.cols);
-  const RowPlan plan = plan_rows(p.cols, vec, kFwdThreads, kLayerFwdUnroll);
+  const RowPlan plan = plan_rows(p.cols, vec, kFwdThreads, kFwdUnroll);
   dispatch_vec<kVec16<T>>(vec, [&](auto vec_c) {
     const dim3 block(plan.threads_x, plan.rows_per_block);
     const auto grid = static_cast<unsigned>(ceil_div(p.rows, plan.rows_per_block));
@@ -634,12 +600,11 @@ BwdShape bwd_shape(const NormBwdParams& p) {
   if (vec > 1 && n_vec <= kBulkThreads * kBulkMaxVpt) {
     const int vpt = n_vec <= kBulkThreads ? 1 : (n_vec <= 2 * kBulkThreads ? 2 : 4);
     const int tx = static_cast<int>(ceil_div(n_vec, 32 * vpt) * 32);
-    const bool hold = p.dres == nullptr;
-    const size_t row_bytes = p.cols * (sizeof(T) + sizeof(O) + (hold ? 0 : sizeof(T)));
-    const size_t smem = (hold ? kBulkStages<true> : kBulkStages<false>) * row_bytes;
+    const size_t row_bytes = p.cols * (sizeof(T) + sizeof(O) + (p.dres ? sizeof(T) : 0));
+    const size_t smem = kBulkStages * row_bytes;
     int64_t resident = 0;
-    dispatch_bulk<K>(vpt, hold, [&](auto vpt_c, auto hold_c) {
-      const auto kernel = norm_bwd_bulk_kernel<K, T, W, O, vpt_c.value, hold_c.value>;
+    dispatch_bulk<K>(vpt, p.dres != nullptr, [&](auto vpt_c, auto dres_c) {
+      const auto kernel = norm_bwd_bulk_kernel<K, T, W, O, vpt_c.value, dres_c.value>;
       if (bulk_copy_compiled(kernel)) {
         resident = prepare_blocks(kernel, tx, smem);
       }
@@ -669,8 +634,8 @@ void bwd_typed(const NormBwdParams& p, cudaStream_t stream) {
   const BwdShape shape = bwd_shape<K, T, W, O>(p);
   const auto grid = static_cast<unsigned>(shape.grid);
   if (shape.bulk_vpt > 0) {
-    dispatch_bulk<K>(shape.bulk_vpt, p.dres == nullptr, [&](auto vpt_c, auto hold_c) {
-      norm_bwd_bulk_kernel<K, T, W, O, vpt_c.value, hold_c.value>
+    dispatch_bulk<K>(shape.bulk_vpt, p.dres != nullptr, [&](auto vpt_c, auto dres_c) {
+      norm_bwd_bulk_kernel<K, T, W, O, vpt_c.value, dres_c.value>
           <<<grid, shape.plan.threads_x, shape.smem, stream>>>(p);
     });
   } else {

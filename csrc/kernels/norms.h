@@ -10,8 +10,8 @@
 
 namespace unsloth_ext {
 
-// y = (x - mean) * rstd * w + b over rows of `cols` elements, mean and biased variance by
-// Welford's method in the accumulator dtype; y in x's dtype.
+// y = (x - mean) * rstd * w + b over rows of `cols` elements, mean and biased variance in the
+// accumulator dtype (one pass, or two for rows far from zero mean); y in x's dtype.
 struct LayerNormFwdParams {
   const void* x;
   const void* weight;
