@@ -36,57 +36,10 @@ constexpr int kBulkMinBlocks = VPT == 1 ? 4 : VPT == 2 ? 3 : 2;
 // shared memory.
 constexpr size_t kMaxPartialSmem = 96 * 1024;
 
-// Chan's pairwise formula over a set of parts (count n_i, mean_i, m2_i), written as sums:
-// mean = sum(n_i mean_i) / sum(n_i), m2 = sum(m2_i + n_i (mean_i - mean)^2). Over the lanes of a
-// warp (each lane one part); every lane gets the result.
-template <typename A>
-__device__ __forceinline__ void warp_moments(A& n, A& mean, A& m2) {
-  const A total = warp_sum(n);
-  const A merged = total > A(0) ? warp_sum(n * mean) / total : A(0);
-  const A d = mean - merged;
-  m2 = warp_sum(m2 + n * d * d);
-  n = total;
-  mean = merged;
-}
-
-// The row's mean and m2 from its threads' (count, mean, m2): merged within each warp, then the
-// warps' parts by the group's first warp, whose result every thread reads. Every thread of the
-// row group must call it, once per kernel (the scratch is not released for reuse).
-template <typename A>
-__device__ __forceinline__ void row_group_moments(A count, A& mean, A& m2,
-                                                  A (&scratch)[3][kMaxRowGroups * 32]) {
-  warp_moments(count, mean, m2);
-  const int warps = blockDim.x / 32;
-  if (warps == 1) return;
-  const int lane = threadIdx.x % 32;
-  A* n_part = scratch[0] + threadIdx.y * 32;
-  A* mean_part = scratch[1] + threadIdx.y * 32;
-  A* m2_part = scratch[2] + threadIdx.y * 32;
-  if (lane == 0) {
-    n_part[threadIdx.x / 32] = count;
-    mean_part[threadIdx.x / 32] = mean;
-    m2_part[threadIdx.x / 32] = m2;
-  }
-  row_group_sync();
-  if (threadIdx.x < 32) {
-    A n = lane < warps ? n_part[lane] : A(0);
-    A part_mean = lane < warps ? mean_part[lane] : A(0);
-    A part_m2 = lane < warps ? m2_part[lane] : A(0);
-    warp_moments(n, part_mean, part_m2);  // its shuffles follow every lane's reads
-    if (lane == 0) {
-      mean_part[0] = part_mean;
-      m2_part[0] = part_m2;
-    }
-  }
-  row_group_sync();
-  mean = mean_part[0];
-  m2 = m2_part[0];
-}
-
-// The row's mean and variance from one read of it: its sum and sum of squares (U vector loads
+// The row's mean and variance from one read of it: its sum and sum of squares (kFwdUnroll loads
 // in flight per thread). That variance, E[x^2] - mean^2, loses bits to cancellation when the mean
 // is large beside the spread: while mean^2 <= kOnePassMeanRatio * variance, E[x^2] is at most
-// kOnePassMeanRatio + 1 times the variance, and under three bits are lost. Other rows (far from
+// kOnePassMeanRatio + 1 times the variance, and at most three bits are lost. Other rows (far from
 // zero mean, or constant) take a second pass over the row (hitting L1), the corrected two-pass
 // algorithm: with d = x - mean, the mean moves by mean(d) and the variance is
 // mean(d^2) - mean(d)^2, both as exact as the deviations. A last pass writes y.
