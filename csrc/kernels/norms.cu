@@ -1,5 +1,5 @@
 // LayerNorm and RMSNorm (with an optional fused residual add). One row group of threads per row;
-// several independent vector loads per thread in flight; the second pass re-reads the row,
+// several independent vector loads per thread in flight; the later passes re-read the row,
 // which the first left in L1 (cheaper than holding it in registers: more warps fit per SM, and
 // more warps keep more memory requests in flight). The two share one backward: LayerNorm's
 // formula with the mean term dropped is RMSNorm's, plus the residual's gradient.
@@ -482,13 +482,10 @@ void dispatch_bulk(int vpt, bool dres, F&& f) {
       default: f(std::integral_constant<int, kBulkMaxVpt>{}, dres_c); return;
     }
   };
-  if constexpr (K == NormKind::kLayerNorm) {
-    with_vpt(std::false_type{});
-  } else if (dres) {
-    with_vpt(std::true_type{});
-  } else {
-    with_vpt(std::false_type{});
+  if constexpr (K == NormKind::kRMSNorm) {
+    if (dres) return with_vpt(std::true_type{});
   }
+  with_vpt(std::false_type{});
 }
 
 // Calls f(TypeTag<T>, TypeTag<W>, TypeTag<O>) for the (activation, parameter, output) dtypes the
