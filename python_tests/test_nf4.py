@@ -11,7 +11,7 @@ from helpers import (DTYPES_16, TOLERANCES, assert_close, assert_no_worse_than_r
 from unsloth_ext.nf4 import (DYNAMIC_MAP, NF4_MIDPOINTS, LoRA, NF4Weight, dequantize_nf4,
                              nf4_matmul, quantize_nf4)
 from unsloth_ext.ops.nf4 import (NF4_LEVELS, nf4_absmax_reference, nf4_gemv_reference,
-                                 nf4_values_reference)
+                                 nf4_gemv_supported, nf4_values_reference)
 
 BF16_TOL = TOLERANCES[torch.bfloat16]
 # (shape, blocksize): numel a multiple of blocksize, as the format requires. bitsandbytes itself
@@ -505,6 +505,13 @@ def test_gemv_kernel_with_lora(shape, m, rank, lora_dtype):
     _check_gemv(_gemv(x, w, lora), x, w, lora)
 
 
+def test_gemv_takes_weights_up_to_2_pow_36_values():
+    assert nf4_gemv_supported(16, 1 << 29, 128, 64)
+    assert not nf4_gemv_supported(16, (1 << 29) + 1, 128, 64)
+    assert not nf4_gemv_supported(17, 64, 128, 64)
+    assert not nf4_gemv_supported(1, 64, 96, 64)
+
+
 @pytest.mark.cuda
 def test_gemv_kernel_strided_and_unaligned_inputs():
     x, w, lora = _problem(3, 512, 1024, torch.float16, "cuda", rank=8)
@@ -561,6 +568,8 @@ def test_kernel_bad_inputs():
         gemv(x, *args, 64, lora.a.half(), lora.b, 1.0)
     with pytest.raises(ValueError, match="absmax has 127 entries"):
         gemv(x, w.packed, w.absmax[:127], *args[2:], 64, None, None, 1.0)
+    with pytest.raises(ValueError, match="takes at most 2\\^36"):
+        gemv(x, *args, 1 << 30, None, None, 1.0)
     out = torch.empty(64, 128, dtype=torch.bfloat16, device="cuda")
     with pytest.raises(ValueError, match="out is not contiguous"):
         dequant(*args, out.t())

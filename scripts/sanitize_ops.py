@@ -53,7 +53,8 @@ def nf4_ops(dtype: torch.dtype) -> None:
     w.dequantize(out)
     a = torch.randn(8, 256, device="cuda", dtype=dtype)
     b = torch.randn(192, 8, device="cuda", dtype=dtype)
-    # More 16-row tiles than SMs, uneven K split over the warps, fp32 absmax.
+    # More 16-row tiles than SMs, K not a multiple of the slab group (a ragged last group), fp32
+    # absmax.
     wide = quantize_nf4(torch.randn(4100, 320, device="cuda", dtype=dtype), 128, False)
     with torch.no_grad():
         for m in (1, 3, 16):

@@ -240,7 +240,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, lora: LoRA | tuple | None = None) 
         raise ValueError("nf4_matmul does not propagate gradients; call it under "
                          "torch.no_grad() or use the LoRA autograd functions for training")
     rows = x.reshape(-1, in_features)
-    if nf4_gemv_supported(rows.shape[0], in_features, w.blocksize):
+    if nf4_gemv_supported(rows.shape[0], w.shape[0], in_features, w.blocksize):
         y = nf4_gemv(rows, w.packed, w.absmax, w.absmax2, w.code2, w.offset, w.blocksize,
                      out_features, a, b, scale)
     else:

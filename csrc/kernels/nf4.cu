@@ -15,9 +15,11 @@
 // levels enter rounded to the 16-bit type (bitsandbytes' own GEMV also rounds the absmax and the
 // product), a per-weight error of the size of the 16-bit rounding of a dequantized weight. The 16
 // warps of a block split K and add their partial sums through shared memory in a fixed order.
-// Each warp keeps the loads of its next kGemvRing slabs in flight in registers. The number of x
-// rows (one or two m-tiles of 8) and the absmax format are template arguments, so the walk has
-// no per-slab branches on them.
+// A warp walks its slabs in unrolled groups, loading the next group while it computes one; group
+// boundaries fall on tile boundaries, so the walk's bookkeeping runs once per group, and only
+// when K is not a multiple of the group (kRagged) do the slabs' loads carry a bounds predicate.
+// The number of x rows (one or two m-tiles of 8) and the absmax format are template arguments
+// too, so the walk has no per-slab branches on them.
 #include "kernels/nf4.h"
 
 #include <algorithm>
@@ -45,9 +47,13 @@ constexpr int kGroup = 8;          // values per 4-byte group
 constexpr int kGemvThreads = 512;
 constexpr int kGemvWarps = kGemvThreads / 32;
 constexpr int kTileRows = 16;
-// Slabs whose loads a warp keeps in flight beyond the one it computes, 16 packed bytes per lane
-// each. On the H200 depths 2 to 8 time the same: the walk is bound by instruction issue.
-constexpr int kGemvRing = 4;
+// Slabs a warp computes as one unrolled group while the next group's loads are in flight (two
+// m-tiles hold twice the x and accumulator registers per slab, so half as many).
+template <int kMTiles>
+constexpr int kGemvGroup = 4 / kMTiles;
+// Slabs of a group whose absmax one lane decodes (a half-warp covers one slab's 16 rows).
+template <int kMTiles>
+constexpr int kScaleSlabs = kGemvGroup<kMTiles> / 2;
 // Byte -> pair-of-levels table, one copy per lane (conflict-free lookups of random bytes). An
 // entry spans 256 bytes so that PRMT can form the address (byte << 8 | lane * 4) in one step.
 constexpr int kLutEntryBytes = 256;
@@ -171,114 +177,106 @@ __device__ __forceinline__ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4
 #endif
 }
 
-// What a lane reads of one slab: 8 packed bytes (16 values) of weight rows g and g + 8, and
-// their absmax entries.
-template <bool kDouble>
-struct GemvSlab {
-  uint2 w[2];
-  uint32_t scale[2];  // fp32 absmax bits, or the double-quantized absmax code
-  float scale2[2];    // the code's second-level scale (double quantization only)
+// What a lane reads of one slab: 8 packed bytes (16 values) of each of its weight rows g and g + 8.
+struct SlabWords {
+  uint2 row[2];
 };
 
-// A position in a warp's walk: slab `slab` of tile `tile`. A warp walks its block's tiles in
-// order and, in each, the same slab range [begin, end).
-struct GemvCursor {
-  int64_t tile;
-  uint32_t slab;
-  __device__ __forceinline__ void advance(uint32_t begin, uint32_t end) {
-    if (++slab == end) {
-      slab = begin;
-      ++tile;
-    }
-  }
+// The absmax entries one lane loads for a group: those of its scale row (lane % 16 of the tile) at
+// the group's slabs kScaleSlabs * (lane / 16) + i, as stored (fp32 bits, or the double-quantized
+// code and its second-level scale).
+template <bool kDouble, int kSlabs>
+struct ScaleWords {
+  uint32_t entry[kSlabs];
+  float scale2[kDouble ? kSlabs : 1];
 };
 
-// Where one of a lane's weight rows of a tile starts, so that a slab's loads need only 32-bit
-// offsets: slab s is packed[4 s], its absmax entry absmax[(block_lo + s) >> shift] (shift: log2 of
-// the slabs per absmax block), and that entry j's second-level scale absmax2[(group_lo + j) / 256].
-struct GemvRow {
-  const uint2* packed;
-  const void* absmax;
-  const float* absmax2;
-  uint32_t block_lo;
-  uint32_t group_lo;
+// A lane's rows of one tile, as 32-bit offsets (the launch checks that they fit): its mma rows g
+// and g + 8 (in 8-byte units of the packed weight, at slab 0 and the lane's 8 bytes), and its scale
+// row, whose absmax entry for slab s is block + ((lo + s) >> shift) (shift: log2 of the slabs per
+// absmax block). Rows past the end of the weight read the last row (their results are never
+// stored).
+struct GemvTile {
+  uint32_t packed[2];
+  uint32_t block;
+  uint32_t lo;
 };
 
-// The lane's rows g and g + 8 of `tile`. Rows past the end of the weight read the last row (their
-// results are never stored).
-__device__ __forceinline__ void tile_rows(GemvRow (&rows)[2], const NF4GemvParams& p,
-                                          int64_t tile, int g, int t, int shift) {
+__device__ __forceinline__ GemvTile tile_view(const NF4GemvParams& p, int64_t tile, int lane,
+                                              int shift) {
   const int64_t slabs = p.k / kNF4GemvSlab;
-  const int entry_bytes = p.w.absmax2 != nullptr ? 1 : 4;
+  const int64_t first_row = tile * kTileRows;
+  GemvTile v;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int64_t flat = min(tile * kTileRows + g + 8 * r, p.n - 1) * slabs;
-    const int64_t block = flat >> shift;
-    rows[r].packed = reinterpret_cast<const uint2*>(p.w.packed) + flat * 4 + t;
-    rows[r].absmax = static_cast<const uint8_t*>(p.w.absmax) + block * entry_bytes;
-    rows[r].absmax2 = p.w.absmax2 + block / kNF4AbsmaxBlock;
-    rows[r].block_lo = static_cast<uint32_t>(flat & ((int64_t{1} << shift) - 1));
-    rows[r].group_lo = static_cast<uint32_t>(block % kNF4AbsmaxBlock);
+    const int64_t row = min(first_row + lane / 4 + 8 * r, p.n - 1);
+    v.packed[r] = static_cast<uint32_t>(row * slabs * 4 + lane % 4);
+  }
+  const int64_t flat = min(first_row + lane % kTileRows, p.n - 1) * slabs;
+  v.block = static_cast<uint32_t>(flat >> shift);
+  v.lo = static_cast<uint32_t>(flat & ((int64_t{1} << shift) - 1));
+  return v;
+}
+
+// Slab first + i of the lane's rows. kRagged (K not a multiple of the group): zeros when
+// i >= count (past the warp's last slab).
+template <bool kRagged>
+__device__ __forceinline__ void load_slab(SlabWords& s, const NF4View& w, const GemvTile& v,
+                                          uint32_t first, int i, uint32_t count) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const uint2* row = reinterpret_cast<const uint2*>(w.packed) + (v.packed[r] + 4 * first);
+    s.row[r] = !kRagged || i < count ? __ldcs(row + 4 * i) : make_uint2(0, 0);
   }
 }
 
-template <bool kDouble>
-__device__ __forceinline__ void load_slab(GemvSlab<kDouble>& s, const GemvRow (&rows)[2],
-                                          uint32_t slab, int shift) {
+// The lane's absmax entries of the group at slab `first` (kRagged: any value past `end`, where
+// the slabs' x is zero).
+template <bool kDouble, bool kRagged, int kSlabs>
+__device__ __forceinline__ void load_scales(ScaleWords<kDouble, kSlabs>& s, const NF4View& w,
+                                            const GemvTile& v, uint32_t first, uint32_t end,
+                                            int lane, int shift) {
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    s.w[r] = __ldcs(rows[r].packed + 4 * slab);
-    const uint32_t entry = (rows[r].block_lo + slab) >> shift;
-    if constexpr (kDouble) {
-      s.scale[r] = __ldg(static_cast<const uint8_t*>(rows[r].absmax) + entry);
-      s.scale2[r] = __ldg(rows[r].absmax2 + (rows[r].group_lo + entry) / kNF4AbsmaxBlock);
-    } else {
-      s.scale[r] = __float_as_uint(__ldg(static_cast<const float*>(rows[r].absmax) + entry));
+  for (int i = 0; i < kSlabs; ++i) {
+    const uint32_t slab = first + kSlabs * (lane / kTileRows) + i;
+    const uint32_t entry = v.block + ((v.lo + slab) >> shift);
+    s.entry[i] = 0;
+    if constexpr (kDouble) s.scale2[i] = 0;
+    if (!kRagged || slab < end) {
+      if constexpr (kDouble) {
+        s.entry[i] = __ldg(static_cast<const uint8_t*>(w.absmax) + entry);
+        s.scale2[i] = __ldg(w.absmax2 + entry / kNF4AbsmaxBlock);
+      } else {
+        s.entry[i] = __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + entry));
+      }
     }
   }
 }
 
-// acc[mt][i] += the slab's contribution to the lane's accumulators for m-tile mt: weight rows
-// g (i = 0, 1) and g + 8 (i = 2, 3), x rows 8 mt + 2t + (i % 2). x_rows[mt] points at values
-// 16t.. of the lane's x row g + 8 mt, or is null past the last row of x.
-template <typename T, int kMTiles, bool kDouble>
-__device__ __forceinline__ void compute_slab(const GemvSlab<kDouble>& s, float (&acc)[kMTiles][4],
-                                             const T* const (&x_rows)[kMTiles], uint32_t slab,
-                                             const float* code2, float offset,
+// acc[mt][i] += scale[i / 2] * the slab's products for m-tile mt: weight rows g (i = 0, 1) and
+// g + 8 (i = 2, 3), x rows 8 mt + 2t + (i % 2). x[mt] holds the lane's 16 values of x row
+// g + 8 mt (zeros past the last row of x).
+template <typename T, int kMTiles>
+__device__ __forceinline__ void compute_slab(const SlabWords& s, const uint4 (&x)[kMTiles][2],
+                                             const float (&scale)[2], float (&acc)[kMTiles][4],
                                              uint32_t lane_entry) {
-  float scale[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    scale[r] = kDouble ? decode_double_quant(code2[s.scale[r]], s.scale2[r], offset)
-                       : __uint_as_float(s.scale[r]);
-  }
-  uint32_t xw[kMTiles][8];
-#pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt) {
-    uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
-    if (x_rows[mt] != nullptr) {
-      const uint4* src = reinterpret_cast<const uint4*>(x_rows[mt] + slab * kNF4GemvSlab);
-      lo = __ldg(src);
-      hi = __ldg(src + 1);
-    }
-    const uint32_t words[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-#pragma unroll
-    for (int i = 0; i < 8; ++i) xw[mt][i] = words[i];
-  }
   float d[kMTiles][4] = {};
 #pragma unroll
   for (int step = 0; step < 4; ++step) {
     // Bytes 2 step and 2 step + 1 of each row's 8, values 4 step .. 4 step + 3, go in as the
     // mma's k = 2t, 2t + 1 and 2t + 8, 2t + 9; x words 2 step, 2 step + 1 match them.
-    const uint32_t row_lo = step < 2 ? s.w[0].x : s.w[0].y;
-    const uint32_t row_hi = step < 2 ? s.w[1].x : s.w[1].y;
+    const uint32_t row_lo = step < 2 ? s.row[0].x : s.row[0].y;
+    const uint32_t row_hi = step < 2 ? s.row[1].x : s.row[1].y;
     const int b = (2 * step) % 4;
     const uint32_t a[4] = {lut_pair(row_lo, b, lane_entry), lut_pair(row_hi, b, lane_entry),
                            lut_pair(row_lo, b + 1, lane_entry),
                            lut_pair(row_hi, b + 1, lane_entry)};
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
-      mma_16x8x16<T>(d[mt], a, xw[mt][2 * step], xw[mt][2 * step + 1]);
+      const uint4& xv = x[mt][step / 2];
+      const uint32_t b0 = step % 2 == 0 ? xv.x : xv.z;
+      const uint32_t b1 = step % 2 == 0 ? xv.y : xv.w;
+      mma_16x8x16<T>(d[mt], a, b0, b1);
     }
   }
 #pragma unroll
@@ -324,16 +322,14 @@ __device__ void finish_tiles(const NF4GemvParams& p, const float* partial, int64
   }
 }
 
-// A block barrier that warps may reach from different places in their code (the warps of a
-// block end their tiles at different points of the unrolled walk).
-__device__ __forceinline__ void block_barrier() { asm volatile("barrier.sync 0;" ::: "memory"); }
-
 // One block per SM; block b owns tiles [b * tiles / grid, (b + 1) * tiles / grid) (a balanced
-// split) and warp w the slabs [w * slabs / warps, (w + 1) * slabs / warps) of each (the launch
-// gives every warp at least one). A warp walks its (tile, slab) items keeping the next kGemvRing
-// slabs' loads in flight, and leaves its sums for each tile in shared memory; each round of
-// `tiles_per_round` tiles is then finished by the whole block.
-template <typename T, int kMTiles, bool kDouble>
+// split) and warp w the slab groups [w * groups / warps, (w + 1) * groups / warps) of each (the
+// launch gives every warp at least one). A warp walks its tiles and, in each, its groups: while
+// it computes a group it loads the next one (the next tile's first group at the end of a tile),
+// so a group's slabs are always in flight. The 16 absmax of a slab are decoded by one half-warp
+// (lane % 16 is the row) and passed to the mma lanes by shuffles. A warp leaves its sums for each
+// tile in shared memory; each round of `tiles_per_round` tiles is then finished by the block.
+template <typename T, int kMTiles, bool kDouble, bool kRagged>
 __global__ void __launch_bounds__(kGemvThreads, 1)
 nf4_gemv_kernel(const NF4GemvParams p, int tiles_per_round) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -352,24 +348,30 @@ nf4_gemv_kernel(const NF4GemvParams p, int tiles_per_round) {
   const int64_t tile_begin = blockIdx.x * tiles / gridDim.x;
   const int64_t tile_end = (blockIdx.x + 1) * tiles / gridDim.x;
   const auto slabs = static_cast<uint32_t>(p.k / kNF4GemvSlab);
-  const uint32_t slab_begin = warp * slabs / warps;
-  const uint32_t slab_end = (warp + 1) * slabs / warps;
+  constexpr int kSlabs = kGemvGroup<kMTiles>, kScales = kScaleSlabs<kMTiles>;
+  const auto groups = static_cast<uint32_t>(ceil_div(slabs, kSlabs));
+  const uint32_t slab_begin = kSlabs * (warp * groups / warps);
+  const uint32_t slab_end = min(slabs, kSlabs * ((warp + 1) * groups / warps));
   const int shift = p.w.log2_blocksize - 6;
 
-  // Fill the ring first so that the loads are in flight while the tables are built.
-  GemvSlab<kDouble> ring[kGemvRing];
-  GemvCursor load{tile_begin, slab_begin};
-  GemvRow load_rows[2];
-  tile_rows(load_rows, p, load.tile, g, t, shift);
-  const auto load_next = [&](GemvSlab<kDouble>& slot) {
-    load_slab(slot, load_rows, load.slab, shift);
-    load.advance(slab_begin, slab_end);
-    if (load.slab == slab_begin) tile_rows(load_rows, p, load.tile, g, t, shift);
-  };
+  // The lane's 16 values of each slab of x row g + 8 mt start at x_rows[mt] + 64 slab. Lanes
+  // past the last row of x read that row: they feed only columns of the mma that are never stored.
+  const uint4* x_rows[kMTiles];
 #pragma unroll
-  for (int i = 0; i < kGemvRing; ++i) {
-    if (load.tile < tile_end) load_next(ring[i]);
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    const int64_t m = min(static_cast<int64_t>(g + 8 * mt), p.m - 1);
+    x_rows[mt] = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + m * p.k) + 2 * t;
   }
+
+  // Load the first group first so that its loads are in flight while the tables are built.
+  GemvTile view = tile_view(p, tile_begin, lane, shift);
+  SlabWords ring[kSlabs];
+  ScaleWords<kDouble, kScales> scales;
+#pragma unroll
+  for (int i = 0; i < kSlabs; ++i) {
+    load_slab<kRagged>(ring[i], p.w, view, slab_begin, i, slab_end - slab_begin);
+  }
+  load_scales<kDouble, kRagged>(scales, p.w, view, slab_begin, slab_end, lane, shift);
   for (int i = threadIdx.x; i < 256 * 32; i += blockDim.x) {
     const int byte = i / 32;
     reinterpret_cast<uint32_t*>(lut + byte * kLutEntryBytes)[i % 32] =
@@ -378,41 +380,63 @@ nf4_gemv_kernel(const NF4GemvParams p, int tiles_per_round) {
   if constexpr (kDouble) load_code2(p.w, code2);
   __syncthreads();
 
-  const T* x_rows[kMTiles];
-#pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt) {
-    const int64_t m = g + 8 * mt;
-    x_rows[mt] = m < p.m ? static_cast<const T*>(p.x) + m * p.k + 16 * t : nullptr;
-  }
   const uint32_t lane_entry = lut_base + lane * 4;
   float acc[kMTiles][4] = {};
-  int slot = 0;  // the tile's place in the current round
-  GemvCursor at{tile_begin, slab_begin};
-  while (at.tile < tile_end) {
+  // Computes the group at slab `first` (in the ring) and loads the group at slab `next` of
+  // `view` in its place.
+  const auto run_group = [&](uint32_t first, const GemvTile& view, uint32_t next) {
+    float scale[kScales];
 #pragma unroll
-    for (int i = 0; i < kGemvRing; ++i) {
-      if (at.tile >= tile_end) break;
-      compute_slab<T, kMTiles, kDouble>(ring[i], acc, x_rows, at.slab, code2, p.w.offset,
-                                        lane_entry);
-      if (load.tile < tile_end) load_next(ring[i]);
-      if (at.slab == slab_end - 1) {
-        float* mine = partial + (slot * warps + warp) * kRegs * 32 + lane;
+    for (int i = 0; i < kScales; ++i) {
+      scale[i] = kDouble ? decode_double_quant(code2[scales.entry[i]], scales.scale2[i],
+                                               p.w.offset)
+                         : __uint_as_float(scales.entry[i]);
+    }
+    load_scales<kDouble, kRagged>(scales, p.w, view, next, slab_end, lane, shift);
+    const uint4* x_group[kMTiles];
 #pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
+    for (int mt = 0; mt < kMTiles; ++mt) x_group[mt] = x_rows[mt] + 8 * first;
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            mine[(4 * mt + j) * 32] = acc[mt][j];
-            acc[mt][j] = 0;
-          }
-        }
-        if (++slot == tiles_per_round || at.tile == tile_end - 1) {
-          block_barrier();
-          finish_tiles<T, kMTiles>(p, partial, at.tile + 1 - slot, slot);
-          block_barrier();
-          slot = 0;
-        }
+    for (int i = 0; i < kSlabs; ++i) {
+      uint4 x[kMTiles][2];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        const bool read = !kRagged || first + i < slab_end;
+        x[mt][0] = read ? __ldg(x_group[mt] + 8 * i) : make_uint4(0, 0, 0, 0);
+        x[mt][1] = read ? __ldg(x_group[mt] + 8 * i + 1) : make_uint4(0, 0, 0, 0);
       }
-      at.advance(slab_begin, slab_end);
+      const int source = g + kTileRows * (i / kScales);
+      const float row_scale[2] = {__shfl_sync(~0u, scale[i % kScales], source),
+                                  __shfl_sync(~0u, scale[i % kScales], source + 8)};
+      compute_slab<T, kMTiles>(ring[i], x, row_scale, acc, lane_entry);
+      load_slab<kRagged>(ring[i], p.w, view, next, i, slab_end - next);
+    }
+  };
+  // The last group of a tile loads the next tile's first group (past the block's last tile it
+  // reloads its own first group, which is harmless).
+  const uint32_t last = slab_begin + kSlabs * ((slab_end - slab_begin - 1) / kSlabs);
+  int slot = 0;  // the tile's place in the current round
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    const GemvTile next_view = tile + 1 < tile_end ? tile_view(p, tile + 1, lane, shift) : view;
+    for (uint32_t first = slab_begin; first < last; first += kSlabs) {
+      run_group(first, view, first + kSlabs);
+    }
+    run_group(last, next_view, slab_begin);
+    view = next_view;
+    float* mine = partial + (slot * warps + warp) * kRegs * 32 + lane;
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        mine[(4 * mt + j) * 32] = acc[mt][j];
+        acc[mt][j] = 0;
+      }
+    }
+    if (++slot == tiles_per_round || tile == tile_end - 1) {
+      __syncthreads();
+      finish_tiles<T, kMTiles>(p, partial, tile + 1 - slot, slot);
+      __syncthreads();
+      slot = 0;
     }
   }
 }
@@ -465,12 +489,13 @@ void dispatch_16bit(DType d, F&& f) {
   }
 }
 
-template <typename T, int kMTiles, bool kDouble>
+template <typename T, int kMTiles, bool kDouble, bool kRagged>
 void gemv_launch(const NF4GemvParams& p, cudaStream_t stream) {
   const int64_t tiles = ceil_div(p.n, kTileRows);
   const int64_t grid = std::min<int64_t>(tiles, sm_count());
-  // Every warp gets at least one slab of each tile.
-  const int warps = static_cast<int>(std::min<int64_t>(kGemvWarps, p.k / kNF4GemvSlab));
+  // Every warp gets at least one group of each tile.
+  const int warps = static_cast<int>(
+      std::min<int64_t>(kGemvWarps, ceil_div(p.k / kNF4GemvSlab, kGemvGroup<kMTiles>)));
   const size_t tile_bytes = static_cast<size_t>(warps) * 4 * kMTiles * 32 * sizeof(float);
   // The table sits at a 64 KiB boundary of the shared window: up to 64 KiB of padding before it.
   // Static shared memory (code2) is part of the opt-in limit too.
@@ -478,7 +503,7 @@ void gemv_launch(const NF4GemvParams& p, cudaStream_t stream) {
   const int64_t tiles_per_round = std::max<int64_t>(
       1, std::min<int64_t>(ceil_div(tiles, grid), static_cast<int64_t>(room / tile_bytes)));
   const size_t smem = 2 * kLutBytes + tiles_per_round * tile_bytes;
-  const auto kernel = nf4_gemv_kernel<T, kMTiles, kDouble>;
+  const auto kernel = nf4_gemv_kernel<T, kMTiles, kDouble, kRagged>;
   prepare_blocks(kernel, kGemvThreads, smem);
   kernel<<<static_cast<unsigned>(grid), warps * 32, smem, stream>>>(
       p, static_cast<int>(tiles_per_round));
@@ -492,12 +517,17 @@ void gemv_typed(const NF4GemvParams& p, cudaStream_t stream) {
           <<<static_cast<unsigned>(p.rank), 256, 0, stream>>>(p);
     });
   }
-  const bool double_quant = p.w.absmax2 != nullptr;
-  if (p.m > 8) {
-    double_quant ? gemv_launch<T, 2, true>(p, stream) : gemv_launch<T, 2, false>(p, stream);
-  } else {
-    double_quant ? gemv_launch<T, 1, true>(p, stream) : gemv_launch<T, 1, false>(p, stream);
-  }
+  const auto flag = [](bool b, auto&& f) {
+    b ? f(std::true_type{}) : f(std::false_type{});
+  };
+  flag(p.m > 8, [&](auto two_m_tiles) {
+    constexpr int kMTiles = two_m_tiles ? 2 : 1;
+    flag(p.w.absmax2 != nullptr, [&](auto double_quant) {
+      flag(p.k % (kGemvGroup<kMTiles> * kNF4GemvSlab) != 0, [&](auto ragged) {
+        gemv_launch<T, kMTiles, double_quant, ragged>(p, stream);
+      });
+    });
+  });
 }
 
 }  // namespace

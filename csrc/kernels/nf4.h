@@ -16,6 +16,8 @@ constexpr int kNF4AbsmaxBlock = 256;
 constexpr int kNF4GemvMaxRows = 16;
 // The GEMV reads each row of the weight in slabs of this many values (32 packed bytes).
 constexpr int kNF4GemvSlab = 64;
+// The GEMV addresses the weight in 32-bit units of 16 values.
+constexpr int64_t kNF4GemvMaxValues = int64_t{1} << 36;
 
 // A weight of `numel` values in bitsandbytes' NF4 layout: value i is nibble i of `packed` (two per
 // byte, the even index in the high nibble), scaled by the absmax of its block of

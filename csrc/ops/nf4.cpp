@@ -129,6 +129,8 @@ at::Tensor nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Ten
                     "; the NF4 GEMV needs ", kNF4GemvSlab, " or more");
   TORCH_CHECK_VALUE(out_features >= 1, "out_features is ", out_features,
                     "; expected a positive number");
+  TORCH_CHECK_VALUE(out_features <= kNF4GemvMaxValues / k, "the weight has ", out_features,
+                    " x ", k, " values; the NF4 GEMV takes at most 2^36");
   TORCH_CHECK_VALUE(lora_a.has_value() == lora_b.has_value(),
                     "lora_a and lora_b must be given together");
   const c10::cuda::CUDAGuard guard(x.device());

@@ -29,6 +29,7 @@ ABSMAX_BLOCK = 256  # absmax entries per second-level scale (bitsandbytes' neste
 BLOCKSIZES = tuple(2**i for i in range(5, 13))
 GEMV_MAX_ROWS = 16  # rows of x the GEMV kernel takes
 GEMV_SLAB = 64  # the GEMV kernel needs in_features and blocksize to be multiples of this
+GEMV_MAX_VALUES = 1 << 36  # the GEMV kernel addresses the weight in 32-bit units of 16 values
 # Dequantization targets; the kernels produce the 16-bit ones, fp32 (CPU training, checks) goes
 # through the reference.
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -173,9 +174,10 @@ def check_lora(x: torch.Tensor, lora_a: torch.Tensor | None, lora_b: torch.Tenso
                              "(lora_a [rank, in_features], lora_b [out_features, rank])")
 
 
-def nf4_gemv_supported(m: int, in_features: int, blocksize: int) -> bool:
+def nf4_gemv_supported(m: int, out_features: int, in_features: int, blocksize: int) -> bool:
     """Whether the GEMV kernel takes this problem (else dequantize and matmul)."""
-    return 1 <= m <= GEMV_MAX_ROWS and in_features % GEMV_SLAB == 0 and blocksize >= GEMV_SLAB
+    return (1 <= m <= GEMV_MAX_ROWS and in_features % GEMV_SLAB == 0 and blocksize >= GEMV_SLAB
+            and out_features * in_features <= GEMV_MAX_VALUES)
 
 
 def nf4_gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
@@ -189,10 +191,11 @@ def nf4_gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
     lora_a [r, K], lora_b [out_features, r]: x's dtype or fp32. y has x's dtype.
     """
     _check_compute_tensor(x, "x")
-    if x.dim() != 2 or not nf4_gemv_supported(x.shape[0], x.shape[1], blocksize):
-        raise ValueError(f"x has shape {tuple(x.shape)} with blocksize {blocksize}; the NF4 GEMV "
-                         f"needs [M, K] with 1 <= M <= {GEMV_MAX_ROWS}, K and blocksize "
-                         f"multiples of {GEMV_SLAB}")
+    if x.dim() != 2 or not nf4_gemv_supported(x.shape[0], out_features, x.shape[1], blocksize):
+        raise ValueError(f"x has shape {tuple(x.shape)} with blocksize {blocksize} and "
+                         f"out_features {out_features}; the NF4 GEMV needs [M, K] with "
+                         f"1 <= M <= {GEMV_MAX_ROWS}, K and blocksize multiples of {GEMV_SLAB}, "
+                         f"and at most 2^36 weight values")
     check_nf4_state(packed, absmax, absmax2, code2, offset, blocksize, out_features * x.shape[1])
     if x.device != packed.device:
         raise ValueError(f"x is on {x.device} but packed is on {packed.device}")
