@@ -45,10 +45,20 @@ def backward_runner(fn: Callable, inputs: tuple[torch.Tensor, ...], grad: torch.
     return lambda: torch.autograd.grad(out, wrt, grad, retain_graph=True)
 
 
-def time_cuda_ms(fn, warmup: int = 5, reps: int = 40) -> float:
-    """Median milliseconds of fn() on the current stream, timed with CUDA events per call."""
-    for _ in range(warmup):
+def time_cuda_ms(fn, warmup: int = 5, reps: int = 40, warmup_ms: float = 25.0) -> float:
+    """Median milliseconds of fn() on the current stream, timed with CUDA events per call.
+
+    Warm-up runs fn() at least `warmup` times and for at least `warmup_ms` of wall time, so that
+    a short kernel is timed on a busy device, not one coming out of an idle spell (compilation,
+    setup), where the same short kernel measured up to 15% slower.
+    """
+    start = time.perf_counter()
+    done = 0
+    while done < warmup or (time.perf_counter() - start) * 1e3 < warmup_ms:
         fn()
+        done += 1
+        if done % warmup == 0:
+            torch.cuda.synchronize()
     torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
