@@ -1,6 +1,6 @@
 """NF4 cases on the Llama-3-8B MLP weights: 4096 -> 14336 (W [14336, 4096]) and 14336 -> 4096
 (W [4096, 14336]), double-quantized, bf16. The token count is not used: the dequantize cases
-have no tokens and the GEMV cases are decoding (M = 1).
+have no tokens and the GEMV cases are decoding (M = 1, and M = 16, the most the GEMV takes).
 
 nf4_dequantize: bytes = packed weight read + bf16 weight written + absmax state read.
     eager: the PyTorch reference; compiled: torch.compile of it.
@@ -21,7 +21,7 @@ import torch
 
 from common import Case, nbytes
 from unsloth_ext.nf4 import quantize_nf4
-from unsloth_ext.ops.nf4 import nf4_dequantize_reference, nf4_values_reference
+from unsloth_ext.ops.nf4 import GEMV_MAX_ROWS, nf4_dequantize_reference, nf4_values_reference
 
 SHAPES = [(14336, 4096), (4096, 14336)]  # [out_features, in_features]
 WEIGHT_COPIES = 4
@@ -67,9 +67,9 @@ def dequantize_cases(tokens: int) -> list[Case]:
     return cases
 
 
-def _gemv_case(out_features: int, in_features: int, rank: int) -> Case:
+def _gemv_case(out_features: int, in_features: int, rank: int, m: int = 1) -> Case:
     gemv = torch.ops.unsloth_ext.nf4_gemv
-    x = torch.randn(1, in_features, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, in_features, device="cuda", dtype=torch.bfloat16)
     # Copies of one weight in separate memory: the same values keep torch.compile to one graph.
     dense, w = _weight(out_features, in_features)
     weights = [(dense.clone(), replace(w, packed=w.packed.clone(), absmax=w.absmax.clone(),
@@ -105,7 +105,7 @@ def _gemv_case(out_features: int, in_features: int, rank: int) -> Case:
     name = "nf4_gemv_lora" if rank else "nf4_gemv"
     adapter = f", LoRA r={rank}" if rank else ""
     return Case(name, "fwd",
-                f"M=1, [{out_features}, {in_features}]{adapter}, x{WEIGHT_COPIES} weights",
+                f"M={m}, [{out_features}, {in_features}]{adapter}, x{WEIGHT_COPIES} weights",
                 WEIGHT_COPIES * nbytes(weights[0][1].packed),
                 kernel=_graphed(kernel), eager=_graphed(dense), compiled=compiled)
 
@@ -113,6 +113,9 @@ def _gemv_case(out_features: int, in_features: int, rank: int) -> Case:
 def gemv_cases(tokens: int) -> list[Case]:
     cases = [_gemv_case(out_features, in_features, 0) for out_features, in_features in SHAPES]
     cases.append(_gemv_case(*SHAPES[0], LORA_RANK))
+    # The most rows of x the GEMV takes (batched decoding).
+    cases += [_gemv_case(out_features, in_features, 0, GEMV_MAX_ROWS)
+              for out_features, in_features in SHAPES]
     return cases
 
 
