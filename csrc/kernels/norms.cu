@@ -470,38 +470,42 @@ norm_bwd_bulk_kernel(const NormBwdParams p) {
     }
   };
 
+  // Pass 1 of row r alone, through red[0], and its coefficients.
+  const auto pass1_alone = [&](RowState& r) {
+    A dot = 0, gsum = 0;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) pass1(r, i, dot, gsum);
+    publish(dot, gsum, 0);
+    __syncthreads();
+    finish(r, 0);
+  };
+  // After a barrier that ends every thread's use of row r's stage: thread 0 brings the row
+  // kBulkStages rows on into it.
+  const auto refill = [&](const RowState& r) {
+    const int64_t row = r.row + static_cast<int64_t>(kBulkStages) * gridDim.x;
+    if (threadIdx.x == 0 && row < p.rows) fetch(r.stage, row);
+  };
+
   if constexpr (kLayer) {
     int iter = 0;
     for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x, ++iter) {
       RowState cur = begin_row(row, iter);
-      A dot = 0, gsum = 0;
-#pragma unroll
-      for (int i = 0; i < VPT; ++i) pass1(cur, i, dot, gsum);
-      publish(dot, gsum, 0);
-      __syncthreads();
-      finish(cur, 0);
+      pass1_alone(cur);
 #pragma unroll
       for (int i = 0; i < VPT; ++i) pass2(cur, i);
       __syncthreads();  // every thread is done with red and with the row's stage
-      const int64_t refill = row + static_cast<int64_t>(kBulkStages) * gridDim.x;
-      if (threadIdx.x == 0 && refill < p.rows) fetch(cur.stage, refill);
+      refill(cur);
     }
   } else if (blockIdx.x < p.rows) {
     int iter = 0;
     RowState cur = begin_row(blockIdx.x, 0);
-    A dot = 0, gsum = 0;
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) pass1(cur, i, dot, gsum);
-    publish(dot, gsum, 0);
-    __syncthreads();
-    finish(cur, 0);
+    pass1_alone(cur);
     for (;; ++iter) {
       const int64_t next_row = cur.row + gridDim.x;
       const bool has_next = next_row < p.rows;  // the same in the whole block
       RowState next{};
       if (has_next) next = begin_row(next_row, iter + 1);
-      dot = 0;
-      gsum = 0;
+      A dot = 0, gsum = 0;
 #pragma unroll
       for (int i = 0; i < VPT; ++i) {
         pass2(cur, i);
@@ -510,8 +514,7 @@ norm_bwd_bulk_kernel(const NormBwdParams p) {
       const int parity = (iter + 1) % 2;
       if (has_next) publish(dot, gsum, parity);
       __syncthreads();  // the next row's sums are in; every thread is done with cur's stage
-      const int64_t refill = cur.row + static_cast<int64_t>(kBulkStages) * gridDim.x;
-      if (threadIdx.x == 0 && refill < p.rows) fetch(cur.stage, refill);
+      refill(cur);
       if (!has_next) break;
       finish(next, parity);
       cur = next;
