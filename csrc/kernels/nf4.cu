@@ -255,7 +255,7 @@ __device__ __forceinline__ void load_scales(ScaleWords<kDouble, kSlabs>& s, cons
 
 // acc[mt][i] += scale[i / 2] * the slab's products for m-tile mt: weight rows g (i = 0, 1) and
 // g + 8 (i = 2, 3), x rows 8 mt + 2t + (i % 2). x[mt] holds the lane's 16 values of x row
-// g + 8 mt (zeros past the last row of x).
+// g + 8 mt (or of the last row, past it; zeros past the warp's last slab).
 template <typename T, int kMTiles>
 __device__ __forceinline__ void compute_slab(const SlabWords& s, const uint4 (&x)[kMTiles][2],
                                              const float (&scale)[2], float (&acc)[kMTiles][4],
@@ -383,8 +383,8 @@ nf4_gemv_kernel(const NF4GemvParams p, int tiles_per_round) {
   const uint32_t lane_entry = lut_base + lane * 4;
   float acc[kMTiles][4] = {};
   // Computes the group at slab `first` (in the ring) and loads the group at slab `next` of
-  // `view` in its place.
-  const auto run_group = [&](uint32_t first, const GemvTile& view, uint32_t next) {
+  // `load_view` in its place.
+  const auto run_group = [&](uint32_t first, const GemvTile& load_view, uint32_t next) {
     float scale[kScales];
 #pragma unroll
     for (int i = 0; i < kScales; ++i) {
@@ -392,7 +392,7 @@ nf4_gemv_kernel(const NF4GemvParams p, int tiles_per_round) {
                                                p.w.offset)
                          : __uint_as_float(scales.entry[i]);
     }
-    load_scales<kDouble, kRagged>(scales, p.w, view, next, slab_end, lane, shift);
+    load_scales<kDouble, kRagged>(scales, p.w, load_view, next, slab_end, lane, shift);
     const uint4* x_group[kMTiles];
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) x_group[mt] = x_rows[mt] + 8 * first;
@@ -409,7 +409,7 @@ nf4_gemv_kernel(const NF4GemvParams p, int tiles_per_round) {
       const float row_scale[2] = {__shfl_sync(~0u, scale[i % kScales], source),
                                   __shfl_sync(~0u, scale[i % kScales], source + 8)};
       compute_slab<T, kMTiles>(ring[i], x, row_scale, acc, lane_entry);
-      load_slab<kRagged>(ring[i], p.w, view, next, i, slab_end - next);
+      load_slab<kRagged>(ring[i], p.w, load_view, next, i, slab_end - next);
     }
   };
   // The last group of a tile loads the next tile's first group (past the block's last tile it
