@@ -6,14 +6,15 @@ unsloth_ext, on the same random-initialized model saved locally, in the same inv
 One identical loop for both: forward with labels, backward, AdamW step. Stock uses SDPA and
 gradient checkpointing (torch.utils.checkpoint); unsloth_ext uses FastLanguageModel with its
 "unsloth" (offloaded) checkpointing. NF4 + double quantization, LoRA r=16 on the 7 projections,
-bf16 compute. Reports tokens/s, s/step and peak allocated memory; results go to
+bf16 compute. Each mode runs in a process of its own. Reports tokens/s, s/step, peak allocated
+memory and what the loaded model holds; results go to
 benchmarks/results/train_<gpu>.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import multiprocessing
 import sys
 import tempfile
 import time
@@ -78,11 +79,13 @@ def unsloth_ext_model(path: Path):
                                             random_state=3407)
 
 
-def run(build, path: Path, seq: int, batch: int, steps: int, warmup: int) -> dict:
+def run(mode: str, path: Path, seq: int, batch: int, steps: int, warmup: int) -> dict:
     """The same loop for every mode. Peak allocated memory is reported for the first step (which
-    also allocates the optimizer state and every lazily made buffer) and for the timed steps."""
-    model = build(path)
+    also allocates the optimizer state and every lazily made buffer) and for the timed steps;
+    model_gib is what the loaded model holds before training."""
+    model = BUILDERS[mode](path)
     model.train()  # gradient checkpointing and dropout act only in training mode
+    model_gib = torch.cuda.memory_allocated() / 2**30
     vocab = model.config.vocab_size
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -102,11 +105,19 @@ def run(build, path: Path, seq: int, batch: int, steps: int, warmup: int) -> dic
         peaks.append(torch.cuda.max_memory_allocated() / 2**30)
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
-    del model, optimizer, batches
-    gc.collect()
-    torch.cuda.empty_cache()
     return dict(s_per_step=seconds, tokens_per_s=batch * seq / seconds,
-                peak_gib=max(peaks[warmup:]), first_step_peak_gib=peaks[0], losses=losses)
+                peak_gib=max(peaks[warmup:]), first_step_peak_gib=peaks[0], model_gib=model_gib,
+                losses=losses)
+
+
+def run_isolated(*args) -> dict:
+    """`run` in a process of its own, so that no mode's memory (cached modules, allocator
+    state, anything a library keeps alive) is counted in another's peak."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(run, args)
+
+
+BUILDERS = {"stock": stock_model, "unsloth_ext": unsloth_ext_model}
 
 
 def main() -> int:
@@ -116,7 +127,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--modes", default="stock,unsloth_ext")
+    parser.add_argument("--modes", default="stock,unsloth_ext",
+                        help=f"comma-separated, from {', '.join(BUILDERS)}")
     parser.add_argument("--model-dir", help="reuse a saved model directory")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -127,23 +139,24 @@ def main() -> int:
     except ImportError:
         print("bench_train needs bitsandbytes for the stock baseline", file=sys.stderr)
         return 2
-    builders = {"stock": stock_model, "unsloth_ext": unsloth_ext_model}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         path = Path(args.model_dir) if args.model_dir else Path(tmp) / args.preset
         if not (path / "config.json").exists():
             save_random_model(args.preset, path)
         results = {}
         for mode in args.modes.split(","):
-            results[mode] = run(builders[mode], path, args.seq, args.batch, args.steps, args.warmup)
+            results[mode] = run_isolated(mode, path, args.seq, args.batch, args.steps,
+                                         args.warmup)
             print(mode, {k: v for k, v in results[mode].items() if k != "losses"}, flush=True)
     rows = []
     stock = results.get("stock")
     for mode, r in results.items():
         speedup = f"{r['tokens_per_s'] / stock['tokens_per_s']:.2f}x" if stock else "-"
         rows.append([mode, f"{r['s_per_step']:.3f}", f"{r['tokens_per_s']:,.0f}",
-                     f"{r['peak_gib']:.2f}", f"{r['first_step_peak_gib']:.2f}", speedup])
+                     f"{r['peak_gib']:.2f}", f"{r['first_step_peak_gib']:.2f}",
+                     f"{r['model_gib']:.2f}", speedup])
     table = markdown_table(["mode", "s/step", "tokens/s", "peak GiB (timed steps)",
-                            "peak GiB (first step)", "vs stock"], rows)
+                            "peak GiB (first step)", "model GiB", "vs stock"], rows)
     table = (f"{args.preset}, seq {args.seq}, batch {args.batch}, {args.steps} timed steps after "
              f"{args.warmup} warm-up, QLoRA NF4 + double quant, r=16 on 7 projections, bf16\n\n"
              + table)

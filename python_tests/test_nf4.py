@@ -213,6 +213,23 @@ def test_from_bnb_reads_a_transformers_model(tmp_path):
             NF4Weight.from_bnb(linears[0].weight)
 
 
+def test_from_bnb_reads_a_parameter_once_per_quant_state():
+    param = _nf4_param()
+    first = NF4Weight.from_bnb(param)
+    assert NF4Weight.from_bnb(param) is first
+    # A new quant state (here one that is not NF4) is read anew, not served from the first read.
+    _with_state(param, code=-NF4_LEVELS)
+    with pytest.raises(ValueError, match="NF4 table"):
+        NF4Weight.from_bnb(param)
+    # So is new data under the same state: the view follows the parameter's bytes.
+    param = _nf4_param()
+    first = NF4Weight.from_bnb(param)
+    param.data = param.data.clone()
+    second = NF4Weight.from_bnb(param)
+    assert second is not first and second.packed.data_ptr() == param.data.data_ptr()
+    assert torch.equal(second.dequantize(), first.dequantize())
+
+
 def _nf4_param(quant_type="nf4", double_quant=True, shape=(64, 128)):
     weight = _randn(shape, torch.bfloat16)
     return bnb.nn.Params4bit(weight, requires_grad=False, quant_type=quant_type, blocksize=64,

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from unsloth_ext.ops.nf4 import (ABSMAX_BLOCK, BLOCKSIZES, COMPUTE_DTYPES, NF4_LEVELS,
                                  check_lora, check_nf4_state, nf4_dequantize, nf4_gemv,
@@ -49,6 +50,10 @@ def _dynamic_map() -> torch.Tensor:
 
 DYNAMIC_MAP = _dynamic_map()
 DYNAMIC_MIDPOINTS = (DYNAMIC_MAP[:-1] + DYNAMIC_MAP[1:]) / 2
+
+# NF4Weight.from_bnb's results by parameter: (quant_state, its absmax, (data_ptr, CPU-repacked
+# flag), the NF4Weight), dropped with the parameter.
+_BNB_VIEWS = WeakIdKeyDictionary()
 
 
 @dataclass
@@ -97,12 +102,28 @@ class NF4Weight:
         """The NF4Weight of a quantized bitsandbytes `Params4bit` (e.g. `linear.weight` of a
         model loaded with `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`),
         sharing its tensors. Raises ValueError/TypeError when the quant state is not NF4, uses a
-        layout this module does not read, or does not match the weight."""
+        layout this module does not read, or does not match the weight.
+
+        Reading checks the quant state on the host (a device sync for a CUDA weight), so the
+        result is kept with the parameter and returned again while the parameter keeps its
+        data, its quant_state object and that state's absmax: a training step reads every
+        projection's weight at each forward without syncing."""
         state = getattr(param, "quant_state", None)
         if state is None or not isinstance(param, torch.Tensor):
             raise ValueError(f"{type(param).__name__} has no quant_state; expected a quantized "
                              "bitsandbytes Params4bit (quantization happens when it is moved "
                              "to its device)")
+        key = (param.data_ptr(), getattr(state, "packing_format_for_cpu", False))
+        cached = _BNB_VIEWS.get(param)
+        if cached is not None and cached[0] is state and cached[1] is state.absmax \
+                and cached[2] == key:
+            return cached[3]
+        weight = cls._read_bnb(param, state)
+        _BNB_VIEWS[param] = (state, state.absmax, key, weight)
+        return weight
+
+    @classmethod
+    def _read_bnb(cls, param: torch.Tensor, state) -> "NF4Weight":
         if getattr(state, "packing_format_for_cpu", False):
             raise ValueError("the quant state uses bitsandbytes' CPU-only repacked layout "
                              "(packing_format_for_cpu, set by a CPU forward pass); move the "
