@@ -239,9 +239,10 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, lora: LoRA | tuple | None = None) 
     """y [..., out_features] = x [..., in_features] @ W^T (+ scale * (x @ a^T) @ b^T).
 
     x has w.dtype. Up to 16 rows (decoding) with in_features and blocksize multiples of 64 (and a
-    weight of at most 2^36 values) run the GEMV kernel, which reads the packed weight directly and sums in fp32; other shapes
-    dequantize and use torch.matmul (the LoRA term as PEFT computes it). An inference op: inputs
-    that require grad are rejected (training goes through the LoRA autograd functions).
+    weight of at most 2^36 values) run the GEMV kernel, which reads the packed weight directly
+    and sums in fp32; other shapes dequantize and use torch.matmul (the LoRA term as PEFT
+    computes it). An inference op: inputs that require grad are rejected (training goes through
+    the LoRA autograd functions).
     """
     if not isinstance(w, NF4Weight):
         raise TypeError(f"w must be an NF4Weight, got {type(w).__name__}")

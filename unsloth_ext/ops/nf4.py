@@ -187,8 +187,9 @@ def nf4_gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
     """y [M, out_features] = x [M, K] @ W^T (+ lora_scale * (x @ lora_a^T) @ lora_b^T), fp32
     accumulation, for 1 <= M <= 16 and K, blocksize multiples of 64.
 
-    x: bf16/fp16 (the kernel) or fp32 (the reference), any strides; W: NF4 state (module docstring) of an [out_features, K] weight;
-    lora_a [r, K], lora_b [out_features, r]: x's dtype or fp32. y has x's dtype.
+    x: bf16/fp16 (the kernel) or fp32 (the reference), any strides; W: NF4 state (module
+    docstring) of an [out_features, K] weight; lora_a [r, K], lora_b [out_features, r]: x's dtype
+    or fp32. y has x's dtype.
     """
     _check_compute_tensor(x, "x")
     if x.dim() != 2 or not nf4_gemv_supported(x.shape[0], out_features, x.shape[1], blocksize):
