@@ -273,6 +273,18 @@ def test_kernel_row_strided_views(glu, dtype, cols, width):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("glu", GLUS, ids=str)
+def test_kernel_row_strided_views_past_the_grid_rows(glu):
+    """More strided rows than a grid has rows (65535): the blocks walk on to the rest."""
+    fused = torch.randn(70001, 48, dtype=torch.bfloat16, device="cuda") * 3
+    e, g, grad_h = fused[:, :10], fused[:, 16:26], fused[:, 32:42]
+    assert_close(_run(glu.op("fwd"), e, g, *glu.extra), glu.ref_fwd(e, g))
+    for got, ref in zip(_run(glu.op("bwd"), grad_h, e, g, *glu.extra),
+                        glu.ref_bwd(grad_h, e, g)):
+        assert_close(got, ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("glu", GLUS, ids=str)
 def test_kernel_layouts_without_rows(glu):
     """Transposed operands and a non-unit last stride: copied, results still in place."""
     e = (torch.randn(96, 40, device="cuda") * 3).t()

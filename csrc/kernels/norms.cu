@@ -45,7 +45,25 @@ constexpr size_t kMaxPartialSmem = 96 * 1024;
 // mean(d^2) - mean(d)^2, both as exact as the deviations. A last pass writes y.
 constexpr float kOnePassMeanRatio = 7.0f;
 
-template <typename T, typename W, int VEC>
+// Calls f(j, vector j) for each of a thread's vectors j of a row after pass 1. kHeld: pass 1 took
+// them all in one round, and `held` still has them; otherwise load(j) reads them again (hitting
+// L1), one at a time, which keeps registers (and so occupancy) for pass 1.
+template <bool kHeld, typename V, int U, typename Load, typename F>
+__device__ __forceinline__ void each_row_vec(const V (&held)[U], int64_t n_vec, Load&& load,
+                                             F&& f) {
+  if constexpr (kHeld) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = threadIdx.x + u * blockDim.x;
+      if (j < n_vec) f(j, held[u]);
+    }
+  } else {
+#pragma unroll 1
+    for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) f(j, load(j));
+  }
+}
+
+template <typename T, typename W, int VEC, bool kHeld>
 __global__ void __launch_bounds__(kFwdThreads, kFwdMinBlocks)
 layer_norm_fwd_kernel(const LayerNormFwdParams p) {
   using A = acc_t<T>;
@@ -61,8 +79,8 @@ layer_norm_fwd_kernel(const LayerNormFwdParams p) {
   const A inv_cols = A(1) / A(p.cols);
 
   A sums[2] = {0, 0};  // of x, of x^2
+  Vec<T, VEC> xv[kFwdUnroll];
   for (int64_t base = threadIdx.x; base < n_vec; base += kFwdUnroll * blockDim.x) {
-    Vec<T, VEC> xv[kFwdUnroll];
 #pragma unroll
     for (int u = 0; u < kFwdUnroll; ++u) {
       const int64_t j = base + u * blockDim.x;
@@ -81,21 +99,24 @@ layer_norm_fwd_kernel(const LayerNormFwdParams p) {
       }
     }
   }
+  const auto each_vec = [&](auto&& f) {
+    each_row_vec<kHeld>(xv, n_vec, [&](int64_t j) { return load_vec<T, VEC>(x + j * VEC); }, f);
+  };
   row_group_sums_once(sums, sums_scratch);
   A mean = sums[0] * inv_cols;
   A var = max(sums[1] * inv_cols - mean * mean, A(0));
   if (mean * mean > A(kOnePassMeanRatio) * var) {  // the same in every thread of the group
     A devs[2] = {0, 0};  // of d, of d^2
-    for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
+    each_vec([&](int64_t, const Vec<T, VEC>& v) {
       A xf[VEC];
-      to_acc(load_vec<T, VEC>(x + j * VEC), xf);
+      to_acc(v, xf);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const A d = xf[k] - mean;
         devs[0] += d;
         devs[1] += d * d;
       }
-    }
+    });
     row_group_sums_once(devs, devs_scratch);
     const A shift = devs[0] * inv_cols;
     mean += shift;
@@ -106,17 +127,15 @@ layer_norm_fwd_kernel(const LayerNormFwdParams p) {
     static_cast<A*>(p.mean)[row] = mean;
     static_cast<A*>(p.rstd)[row] = rstd;
   }
-  // The last pass hits L1: one vector at a time keeps registers (and so occupancy) for pass 1.
-#pragma unroll 1
-  for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
+  each_vec([&](int64_t j, const Vec<T, VEC>& v) {
     A xf[VEC], wf[VEC], bf[VEC] = {}, out[VEC];
-    to_acc(load_vec<T, VEC>(x + j * VEC), xf);
+    to_acc(v, xf);
     to_acc(load_vec<W, VEC>(w + j * VEC), wf);
     if (b != nullptr) to_acc(load_vec<W, VEC>(b + j * VEC), bf);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) out[k] = (xf[k] - mean) * rstd * wf[k] + bf[k];
     store_vec<T, VEC>(y + j * VEC, from_acc<T>(out));
-  }
+  });
 }
 
 // x + r rounded to T, as PyTorch adds two tensors of T (in the accumulator type, one rounding).
@@ -132,7 +151,7 @@ __device__ __forceinline__ Vec<T, VEC> add_rounded(const Vec<T, VEC>& x, const V
 
 // kResidual: s = x + residual (written to residual_out), else s = x. Pass 1 keeps U vector
 // loads in flight per step: two of x without a residual, one each of x and the residual with.
-template <typename T, typename W, typename O, int VEC, bool kResidual>
+template <typename T, typename W, typename O, int VEC, bool kResidual, bool kHeld>
 __global__ void __launch_bounds__(kFwdThreads, kFwdMinBlocks)
 rms_norm_fwd_kernel(const RMSNormFwdParams p) {
   using A = acc_t<T>;
@@ -157,8 +176,8 @@ rms_norm_fwd_kernel(const RMSNormFwdParams p) {
   };
 
   A sumsq = 0;
+  Vec<T, VEC> s[U];
   for (int64_t base = threadIdx.x; valid && base < n_vec; base += U * blockDim.x) {
-    Vec<T, VEC> s[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (base + u * blockDim.x < n_vec) s[u] = sum_at(base + u * blockDim.x);
@@ -180,11 +199,9 @@ rms_norm_fwd_kernel(const RMSNormFwdParams p) {
   const A rstd = rsqrt_acc(row_group_sum(sumsq, scratch) / A(p.cols) + A(p.eps));
   if (!valid) return;
   if (threadIdx.x == 0) static_cast<A*>(p.rstd)[row] = rstd;
-  // The second pass hits L1: one vector at a time keeps registers (and so occupancy) for pass 1.
-#pragma unroll 1
-  for (int64_t j = threadIdx.x; j < n_vec; j += blockDim.x) {
+  each_row_vec<kHeld>(s, n_vec, sum_at, [&](int64_t j, const Vec<T, VEC>& v) {
     A sh[VEC], wf[VEC], out[VEC];
-    to_acc(sum_at(j), sh);
+    to_acc(v, sh);
     to_acc(load_vec<W, VEC>(w + j * VEC), wf);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) sh[k] *= rstd;
@@ -198,7 +215,7 @@ rms_norm_fwd_kernel(const RMSNormFwdParams p) {
       for (int k = 0; k < VEC; ++k) out[k] = sh[k] * wf[k];
     }
     store_vec<O, VEC>(y + j * VEC, from_acc<O>(out));
-  }
+  });
 }
 
 // The backward (formulas in norms.h). Per row: pass 1 sums g * (x - mean) (and g for
@@ -570,31 +587,49 @@ void dispatch_types(DType x, DType w, DType o, F&& f) {
   });
 }
 
+// Calls f(integral_constant<bool, held>): whether a row group's threads take all their vectors
+// in one round of `unroll` loads each (see each_row_vec).
+template <typename F>
+void dispatch_held(const RowPlan& plan, int64_t cols, int unroll, F&& f) {
+  if (ceil_div(cols / plan.vec, plan.threads_x) <= unroll) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 template <typename T, typename W>
 void layer_norm_fwd_typed(const LayerNormFwdParams& p, cudaStream_t stream) {
   const int vec = vector_width<T>({p.x, p.weight, p.bias, p.y}, {p.x_row_stride}, p.cols);
   const RowPlan plan = plan_rows(p.cols, vec, kFwdThreads, kFwdUnroll);
+  const dim3 block(plan.threads_x, plan.rows_per_block);
+  const auto grid = static_cast<unsigned>(ceil_div(p.rows, plan.rows_per_block));
   dispatch_vec<kVec16<T>>(vec, [&](auto vec_c) {
-    const dim3 block(plan.threads_x, plan.rows_per_block);
-    const auto grid = static_cast<unsigned>(ceil_div(p.rows, plan.rows_per_block));
-    layer_norm_fwd_kernel<T, W, vec_c.value><<<grid, block, 0, stream>>>(p);
+    dispatch_held(plan, p.cols, kFwdUnroll, [&](auto held) {
+      layer_norm_fwd_kernel<T, W, vec_c.value, held.value><<<grid, block, 0, stream>>>(p);
+    });
   });
 }
 
 template <typename T, typename W, typename O>
 void rms_norm_fwd_typed(const RMSNormFwdParams& p, cudaStream_t stream) {
   const bool residual = p.residual != nullptr;
+  const int unroll = residual ? 1 : kFwdUnroll;
   const int vec = vector_width<T>({p.x, p.residual, p.weight, p.y, p.residual_out},
                                   {p.x_row_stride, p.residual_row_stride}, p.cols);
-  const RowPlan plan = plan_rows(p.cols, vec, kFwdThreads, residual ? 1 : kFwdUnroll);
+  const RowPlan plan = plan_rows(p.cols, vec, kFwdThreads, unroll);
   const dim3 block(plan.threads_x, plan.rows_per_block);
   const auto grid = static_cast<unsigned>(ceil_div(p.rows, plan.rows_per_block));
   dispatch_vec<kVec16<T>>(vec, [&](auto vec_c) {
-    if (residual) {
-      rms_norm_fwd_kernel<T, W, O, vec_c.value, true><<<grid, block, 0, stream>>>(p);
-    } else {
-      rms_norm_fwd_kernel<T, W, O, vec_c.value, false><<<grid, block, 0, stream>>>(p);
-    }
+    dispatch_held(plan, p.cols, unroll, [&](auto held) {
+      if (residual) {
+        rms_norm_fwd_kernel<T, W, O, vec_c.value, true, held.value>
+            <<<grid, block, 0, stream>>>(p);
+      } else {
+        rms_norm_fwd_kernel<T, W, O, vec_c.value, false, held.value>
+            <<<grid, block, 0, stream>>>(p);
+      }
+    });
   });
 }
 
