@@ -32,18 +32,17 @@ namespace {
 constexpr int kRowThreads = 512;
 constexpr int kRowMinBlocks = 2;
 constexpr int kRowUnroll = 4;
-// Cluster kernel: a cluster of up to kClusterMaxSize CTAs per row, each staging a slice of
-// about kClusterSliceBytes (kClusterStages rows deep) and giving each thread about kClusterVpt
-// vectors of it. Every warp pays a fixed cost per row (merges, barrier, row setup), so fewer warps
-// with more vectors each run faster: on the H200 at V = 128256, 8 vectors per thread beat 4
-// (1410 vs 1606 us) and 16 (1658 us); two stages time as three.
+// Cluster kernel: a cluster of up to kClusterMaxSize CTAs per row, each staging a slice of about
+// kClusterSliceBytes and giving each thread about kClusterVpt vectors of it. Every warp pays a
+// fixed cost per row (merges, barriers), so fewer warps with more vectors each run faster: on the
+// H200 at V = 128256, 16 vectors per thread took 1163 us, 8 took 1200 us. (A persistent grid,
+// each cluster walking rows with the next ones' copies in flight, took 1330 us.)
 constexpr int kClusterMaxSize = 8;  // the portable cluster size
 static_assert((kClusterMaxSize & (kClusterMaxSize - 1)) == 0, "merged by a butterfly");
 constexpr int kClusterMaxThreads = 1024;
-constexpr int kClusterVpt = 8;
-constexpr int kClusterStages = 3;
+constexpr int kClusterVpt = 16;
 constexpr int64_t kClusterSliceBytes = 32 * 1024;
-// Longer rows (whose stages would not fit in shared memory) go to the row kernels.
+// Longer rows (whose slices would not fit in shared memory) go to the row kernels.
 constexpr size_t kClusterMaxSmem = 192 * 1024;
 // Shorter rows go to the row kernels, which pack several rows into one block.
 constexpr int64_t kClusterMinVectors = 1024;
@@ -505,14 +504,13 @@ cross_entropy_fused_rows_kernel(const CrossEntropyFusedParams p) {
   with_logit_map<acc_t<T>>(p.in, [&](const auto& f) { fused_rows<T>(p, f, scratch); });
 }
 
-// The fused forward+backward on sm_90+, persistent: cluster c of the grid's n takes rows c,
-// c + n, ... (its rows 0, 1, ...), and CTA `rank` of a cluster owns the slice of per_cta vectors
-// from column rank * per_cta * VEC. Thread 0 keeps the slices of the next kClusterStages rows in
-// flight as bulk copies into shared memory. Per row, each CTA takes its slice's logsumexp state,
-// publishes it, and after a cluster barrier merges all CTAs' states (in the same order: all use
-// the same lse) and writes its slice's gradient from the stage, which is then refilled. The
-// barrier is split: a CTA reduces its slice of the next row while the other CTAs catch up. Every
-// CTA of a cluster sees the same labels, so all take the same branches and barriers.
+// The fused forward+backward on sm_90+: one cluster per row, CTA `rank` owning the slice of
+// per_cta vectors from column rank * per_cta * VEC. Thread 0 stages the slice in shared memory with
+// one bulk copy; the CTA takes the slice's logsumexp state and publishes it, and after a cluster
+// barrier every CTA merges all CTAs' states (in the same order: all use the same lse) and writes
+// its slice's gradient from the stage. The grid holds every row's cluster: while some CTAs of an
+// SM wait on their copy or their peers, others stream theirs. Every CTA of a cluster sees the same
+// label, so all take the same branches and barriers.
 #ifdef UNSLOTH_EXT_CLUSTERS
 template <typename T, typename Map>
 __device__ void fused_cluster(const CrossEntropyFusedParams& p, int per_cta, const Map& f) {
@@ -520,116 +518,86 @@ __device__ void fused_cluster(const CrossEntropyFusedParams& p, int per_cta, con
   constexpr int VEC = kVec16<T>;
   namespace cg = cooperative_groups;
   extern __shared__ __align__(128) unsigned char stage_bytes[];
-  __shared__ uint64_t full[kClusterStages];
-  __shared__ LseState<A> warp_states[2][32];  // by row parity, so one barrier per row suffices
-  // By row parity: a CTA publishes row n + 1 while others may still read its row n - 1.
-  __shared__ LseState<A> cta_state[2];
+  __shared__ uint64_t full;
+  __shared__ LseState<A> warp_states[32];
+  __shared__ LseState<A> cta_state;
   const auto cluster = cg::this_cluster();
   const int size = static_cast<int>(cluster.num_blocks());
   const int rank = static_cast<int>(cluster.block_rank());
   const int lane = threadIdx.x % 32;
   const int warps = static_cast<int>(blockDim.x / 32);
   const CrossEntropyRows& in = p.in;
-  const int64_t clusters = gridDim.x / size;
-  const int64_t first_row = blockIdx.x / size;
-  const int64_t rows_here = (in.rows - first_row + clusters - 1) / clusters;
+  const int64_t row = blockIdx.x / size;
   const int64_t n_vec = in.cols / VEC;
   const int64_t first_col = static_cast<int64_t>(rank) * per_cta * VEC;
   // Vectors in this CTA's slice (none for the last CTAs of a short row).
   const int count =
       static_cast<int>(max(min(n_vec - first_col / VEC, int64_t{per_cta}), int64_t{0}));
-  const uint32_t slice_bytes = static_cast<uint32_t>(count) * 16;
-  float* loss = static_cast<float*>(p.loss);
+  const T* x = reinterpret_cast<const T*>(stage_bytes);
+  const RowLabel label = row_label(in, row);
+  const bool has_loss = !label.ignored && !label.invalid;
   const Smoothing<A> smooth(in);
 
-  const auto row_of = [&](int64_t n) { return first_row + n * clusters; };
-  const auto stage_of = [&](int64_t n) {
-    return reinterpret_cast<T*>(stage_bytes) + (n % kClusterStages) * per_cta * VEC;
-  };
-  const auto fetch = [&](int64_t n) {
-    uint64_t* bar = &full[n % kClusterStages];
-    mbarrier_arrive_expect(bar, slice_bytes);
+  if (threadIdx.x == 0 && has_loss) {
+    const auto slice_bytes = static_cast<uint32_t>(count) * 16;
+    mbarrier_init(&full, 1);
+    mbarrier_arrive_expect(&full, slice_bytes);
     if (count > 0) {
-      bulk_copy_to_shared(stage_of(n),
-                          static_cast<const T*>(in.logits) + row_of(n) * in.row_stride + first_col,
-                          slice_bytes, bar);
+      bulk_copy_to_shared(stage_bytes,
+                          static_cast<const T*>(in.logits) + row * in.row_stride + first_col,
+                          slice_bytes, &full);
     }
-  };
-  // The logsumexp state of row n's slice (empty for a row without a loss), in every lane of
-  // warp 0.
-  const auto slice_state = [&](int64_t n) {
-    mbarrier_wait(&full[n % kClusterStages], (n / kClusterStages) & 1);
-    const RowLabel label = row_label(in, row_of(n));
-    LseState<A> st = LseState<A>::empty();
-    if (!label.ignored && !label.invalid) {
-      const T* x = stage_of(n);
-      for (int j = threadIdx.x; j < count; j += blockDim.x) {
-        A a[VEC];
-        to_acc(load_vec<T, VEC>(x + j * VEC), a);
-        st.add(a, f, smooth.on());
-      }
-    }
-    st = warp_merge(st);
-    if (lane == 0) warp_states[n & 1][threadIdx.x / 32] = st;
-    __syncthreads();
-    LseState<A> total = LseState<A>::empty();
-    if (threadIdx.x < 32) {
-      total = warp_merge(lane < warps ? warp_states[n & 1][lane] : LseState<A>::empty());
-    }
-    return total;
-  };
-  // The arrival releases only the state (a full release would wait for the gradient stores).
-  const auto publish = [&](int64_t n, const LseState<A>& total) {
-    if (threadIdx.x == 0) {
-      cta_state[n & 1] = total;
-      release_shared_to_cluster();
-    }
-    cluster_arrive_relaxed();
-  };
-
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kClusterStages; ++s) mbarrier_init(&full[s], 1);
   }
+  __syncthreads();  // the barrier is initialized
+  LseState<A> st = LseState<A>::empty();
+  if (has_loss) {
+    mbarrier_wait(&full, 0);
+    for (int j = threadIdx.x; j < count; j += blockDim.x) {
+      A a[VEC];
+      to_acc(load_vec<T, VEC>(x + j * VEC), a);
+      st.add(a, f, smooth.on());
+    }
+  }
+  st = warp_merge(st);
+  if (lane == 0) warp_states[threadIdx.x / 32] = st;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int64_t n = 0; n < kClusterStages && n < rows_here; ++n) fetch(n);
-  }
-  publish(0, slice_state(0));
-  for (int64_t n = 0; n < rows_here; ++n) {
-    const bool has_next = n + 1 < rows_here;
-    LseState<A> next = LseState<A>::empty();
-    if (has_next) next = slice_state(n + 1);
-    cluster.barrier_wait();  // every CTA has published row n
-    // Each group of kClusterMaxSize lanes merges the CTAs' states (a warp holds 32 / size copies).
-    LseState<A> row_state = LseState<A>::empty();
-    const int peer = lane % kClusterMaxSize;
-    if (peer < size) row_state = *cluster.map_shared_rank(&cta_state[n & 1], peer);
-    row_state = warp_merge<kClusterMaxSize>(row_state);
-    if (has_next) publish(n + 1, next);
-
-    const int64_t row = row_of(n);
-    const RowLabel label = row_label(in, row);
-    const T* x = stage_of(n);
-    T* grad = static_cast<T*>(p.grad_logits) + row * in.row_stride + first_col;
-    if (label.ignored || label.invalid) {
-      fill_row<VEC>(grad, int64_t{count} * VEC, convert<T>(label.ignored ? A(0) : nan_acc<A>()));
-      if (rank == 0 && threadIdx.x == 0) loss[row] = label.ignored ? A(0) : nan_acc<A>();
-    } else {
-      const int64_t label_k = label.col - first_col;  // the label's column in the slice
-      const A lse = row_state.lse();
-      const A scale = static_cast<const A*>(p.grad_scale)[row];
-      const RowGrad<A> rg(smooth, lse, scale, -scale, label_k);  // loss = lse - target
-      for (int j = threadIdx.x; j < count; j += blockDim.x) {
-        store_vec<T, VEC>(grad + j * VEC, rg.of(load_vec<T, VEC>(x + j * VEC), j * VEC, f));
-      }
-      if (threadIdx.x == 0 && label_k >= 0 && label_k < count * VEC) {
-        loss[row] = row_loss(smooth, lse, f.z(convert<A>(x[label_k])), row_state.zsum);
-      }
+  if (threadIdx.x < 32) {
+    st = warp_merge(lane < warps ? warp_states[lane] : LseState<A>::empty());
+    if (threadIdx.x == 0) {
+      cta_state = st;
+      release_shared_to_cluster();  // the arrival releases only the state, not earlier stores
     }
-    __syncthreads();  // every thread is done with row n's stage: refill it
-    if (threadIdx.x == 0 && n + kClusterStages < rows_here) fetch(n + kClusterStages);
   }
-  cluster.sync();  // keep this CTA's shared memory until every peer has read its last state
+  cluster_arrive_relaxed();
+  cluster.barrier_wait();  // every CTA has published its state
+  // Each group of kClusterMaxSize lanes merges the CTAs' states (a warp holds 32 / size copies).
+  LseState<A> row_state = LseState<A>::empty();
+  const int peer = lane % kClusterMaxSize;
+  if (peer < size) row_state = *cluster.map_shared_rank(&cta_state, peer);
+  row_state = warp_merge<kClusterMaxSize>(row_state);
+
+  float* loss = static_cast<float*>(p.loss);
+  T* grad = static_cast<T*>(p.grad_logits) + row * in.row_stride + first_col;
+  if (!has_loss) {
+    fill_row<VEC>(grad, int64_t{count} * VEC, convert<T>(label.ignored ? A(0) : nan_acc<A>()));
+    if (rank == 0 && threadIdx.x == 0) loss[row] = label.ignored ? A(0) : nan_acc<A>();
+  } else {
+    const int64_t label_k = label.col - first_col;  // the label's column in the slice
+    const A lse = row_state.lse();
+    const A scale = static_cast<const A*>(p.grad_scale)[row];
+    const RowGrad<A> rg(smooth, lse, scale, -scale, label_k);  // loss = lse - target
+    for (int j = threadIdx.x; j < count; j += blockDim.x) {
+      store_vec<T, VEC>(grad + j * VEC, rg.of(load_vec<T, VEC>(x + j * VEC), j * VEC, f));
+    }
+    if (threadIdx.x == 0 && label_k >= 0 && label_k < count * VEC) {
+      loss[row] = row_loss(smooth, lse, f.z(convert<A>(x[label_k])), row_state.zsum);
+    }
+  }
+  // This CTA's shared memory must outlive the peers' reads of its state. Those reads are complete
+  // before a peer arrives (their values were merged), so the arrival need not release anything,
+  // nor wait for this CTA's gradient stores.
+  cluster_arrive_relaxed();
+  cluster.barrier_wait();
 }
 #endif
 
@@ -669,19 +637,19 @@ bool launch_fused_cluster(const CrossEntropyFusedParams& p, cudaStream_t stream)
     const int size = static_cast<int>(
         std::min<int64_t>(ceil_div(row_bytes, kClusterSliceBytes), kClusterMaxSize));
     const int64_t per_cta = ceil_div(n_vec, size);
-    const size_t smem = static_cast<size_t>(kClusterStages) * per_cta * 16;
-    if (!aligned || n_vec < kClusterMinVectors || smem > kClusterMaxSmem || in.rows > INT_MAX) {
+    const size_t smem = static_cast<size_t>(per_cta) * 16;
+    if (!aligned || n_vec < kClusterMinVectors || smem > kClusterMaxSmem ||
+        in.rows > INT_MAX / size) {
       return false;
     }
     const auto kernel = cross_entropy_fused_cluster_kernel<T>;
     if (!bulk_copy_compiled(kernel)) return false;
     const int threads = static_cast<int>(
         std::min<int64_t>(ceil_div(per_cta, 32 * kClusterVpt) * 32, kClusterMaxThreads));
-    const int64_t resident =
-        prepare_clusters(reinterpret_cast<const void*>(kernel), threads, smem, size);
-    if (resident == 0) return false;
-
-    const ClusterLaunch launch(std::min(in.rows, resident), size, threads, smem, stream);
+    if (prepare_clusters(reinterpret_cast<const void*>(kernel), threads, smem, size) == 0) {
+      return false;
+    }
+    const ClusterLaunch launch(in.rows, size, threads, smem, stream);
     cudaLaunchKernelEx(&launch.config, kernel, p, static_cast<int>(per_cta));
     return true;
   }
