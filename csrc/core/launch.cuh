@@ -55,6 +55,17 @@ int vector_width(std::initializer_list<const void*> ptrs, std::initializer_list<
   return kVec;
 }
 
+// Calls f(true_type{}) or f(false_type{}) as b is: a runtime choice of a kernel's bool template
+// argument.
+template <typename F>
+void dispatch_flag(bool b, F&& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 // Calls f(integral_constant<VEC>) with VEC 1 or kVec.
 template <int kVec, typename F>
 void dispatch_vec(int vec, F&& f) {

@@ -234,11 +234,9 @@ void launch(typename Op::Params p, std::initializer_list<const void*> ptrs,
   const int64_t x_blocks = ceil_div(row_items, kThreads * kItems);
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(x_blocks, INT_MAX)),
                   static_cast<unsigned>(std::min(p.rows, kMaxGridY)));
-  if (vectorize) {
-    glu_kernel<Op, true><<<grid, kThreads, 0, stream>>>(p, items, x_blocks);
-  } else {
-    glu_kernel<Op, false><<<grid, kThreads, 0, stream>>>(p, items, x_blocks);
-  }
+  dispatch_flag(vectorize, [&](auto vec) {
+    glu_kernel<Op, vec.value><<<grid, kThreads, 0, stream>>>(p, items, x_blocks);
+  });
 }
 
 // Calls f(TypeTag<T>, integral_constant<GluActivation, ACT>) for the dtype and activation.

@@ -517,13 +517,10 @@ void gemv_typed(const NF4GemvParams& p, cudaStream_t stream) {
           <<<static_cast<unsigned>(p.rank), 256, 0, stream>>>(p);
     });
   }
-  const auto flag = [](bool b, auto&& f) {
-    b ? f(std::true_type{}) : f(std::false_type{});
-  };
-  flag(p.m > 8, [&](auto two_m_tiles) {
+  dispatch_flag(p.m > 8, [&](auto two_m_tiles) {
     constexpr int kMTiles = two_m_tiles ? 2 : 1;
-    flag(p.w.absmax2 != nullptr, [&](auto double_quant) {
-      flag(p.k % (kGemvGroup<kMTiles> * kNF4GemvSlab) != 0, [&](auto ragged) {
+    dispatch_flag(p.w.absmax2 != nullptr, [&](auto double_quant) {
+      dispatch_flag(p.k % (kGemvGroup<kMTiles> * kNF4GemvSlab) != 0, [&](auto ragged) {
         gemv_launch<T, kMTiles, double_quant, ragged>(p, stream);
       });
     });

@@ -587,15 +587,10 @@ void dispatch_types(DType x, DType w, DType o, F&& f) {
   });
 }
 
-// Calls f(integral_constant<bool, held>): whether a row group's threads take all their vectors
-// in one round of `unroll` loads each (see each_row_vec).
-template <typename F>
-void dispatch_held(const RowPlan& plan, int64_t cols, int unroll, F&& f) {
-  if (ceil_div(cols / plan.vec, plan.threads_x) <= unroll) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
+// Whether a row group's threads take all their vectors in one round of `unroll` loads each (see
+// each_row_vec).
+bool held_in_one_round(const RowPlan& plan, int64_t cols, int unroll) {
+  return ceil_div(cols / plan.vec, plan.threads_x) <= unroll;
 }
 
 template <typename T, typename W>
@@ -605,7 +600,7 @@ void layer_norm_fwd_typed(const LayerNormFwdParams& p, cudaStream_t stream) {
   const dim3 block(plan.threads_x, plan.rows_per_block);
   const auto grid = static_cast<unsigned>(ceil_div(p.rows, plan.rows_per_block));
   dispatch_vec<kVec16<T>>(vec, [&](auto vec_c) {
-    dispatch_held(plan, p.cols, kFwdUnroll, [&](auto held) {
+    dispatch_flag(held_in_one_round(plan, p.cols, kFwdUnroll), [&](auto held) {
       layer_norm_fwd_kernel<T, W, vec_c.value, held.value><<<grid, block, 0, stream>>>(p);
     });
   });
@@ -621,14 +616,11 @@ void rms_norm_fwd_typed(const RMSNormFwdParams& p, cudaStream_t stream) {
   const dim3 block(plan.threads_x, plan.rows_per_block);
   const auto grid = static_cast<unsigned>(ceil_div(p.rows, plan.rows_per_block));
   dispatch_vec<kVec16<T>>(vec, [&](auto vec_c) {
-    dispatch_held(plan, p.cols, unroll, [&](auto held) {
-      if (residual) {
-        rms_norm_fwd_kernel<T, W, O, vec_c.value, true, held.value>
+    dispatch_flag(residual, [&](auto res) {
+      dispatch_flag(held_in_one_round(plan, p.cols, unroll), [&](auto held) {
+        rms_norm_fwd_kernel<T, W, O, vec_c.value, res.value, held.value>
             <<<grid, block, 0, stream>>>(p);
-      } else {
-        rms_norm_fwd_kernel<T, W, O, vec_c.value, false, held.value>
-            <<<grid, block, 0, stream>>>(p);
-      }
+      });
     });
   });
 }
