@@ -354,13 +354,17 @@ nf4_gemv_kernel(const NF4GemvParams p, int tiles_per_round) {
   const uint32_t slab_end = min(slabs, kSlabs * ((warp + 1) * groups / warps));
   const int shift = p.w.log2_blocksize - 6;
 
-  // The lane's 16 values of each slab of x row g + 8 mt start at x_rows[mt] + 64 slab. Lanes
-  // past the last row of x read that row: they feed only columns of the mma that are never stored.
+  // The lane's 16 values of each slab of x row g + 8 mt start at x_rows[mt] + 64 slab. Lanes past
+  // the last row of x (x_live false) load nothing and hold zeros: they feed only columns of the
+  // mma that are never stored, and at M = 1 seven lanes in eight skip the loads.
   const uint4* x_rows[kMTiles];
+  bool x_live[kMTiles];
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
-    const int64_t m = min(static_cast<int64_t>(g + 8 * mt), p.m - 1);
-    x_rows[mt] = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + m * p.k) + 2 * t;
+    const int64_t m = g + 8 * mt;
+    x_live[mt] = m < p.m;
+    x_rows[mt] = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) +
+                                                min(m, p.m - 1) * p.k) + 2 * t;
   }
 
   // Load the first group first so that its loads are in flight while the tables are built.
@@ -401,7 +405,7 @@ nf4_gemv_kernel(const NF4GemvParams p, int tiles_per_round) {
       uint4 x[kMTiles][2];
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
-        const bool read = !kRagged || first + i < slab_end;
+        const bool read = x_live[mt] && (!kRagged || first + i < slab_end);
         x[mt][0] = read ? __ldg(x_group[mt] + 8 * i) : make_uint4(0, 0, 0, 0);
         x[mt][1] = read ? __ldg(x_group[mt] + 8 * i + 1) : make_uint4(0, 0, 0, 0);
       }
