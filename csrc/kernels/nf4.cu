@@ -255,7 +255,7 @@ __device__ __forceinline__ void load_scales(ScaleWords<kDouble, kSlabs>& s, cons
 
 // acc[mt][i] += scale[i / 2] * the slab's products for m-tile mt: weight rows g (i = 0, 1) and
 // g + 8 (i = 2, 3), x rows 8 mt + 2t + (i % 2). x[mt] holds the lane's 16 values of x row
-// g + 8 mt (or of the last row, past it; zeros past the warp's last slab).
+// g + 8 mt (zeros past the last row of x and past the warp's last slab).
 template <typename T, int kMTiles>
 __device__ __forceinline__ void compute_slab(const SlabWords& s, const uint4 (&x)[kMTiles][2],
                                              const float (&scale)[2], float (&acc)[kMTiles][4],
