@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 
@@ -36,6 +38,31 @@ def _check_same_gradients(device):
 
 def test_gradients_match_without_checkpointing_cpu():
     _check_same_gradients("cpu")
+
+
+class Recorder(torch.nn.Module):
+    """Records `recomputing(self)` and `recomputing(child)` at each forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.child = torch.nn.Linear(4, 4)
+        self.seen = []
+
+    def forward(self, x, scale=1.0):
+        self.seen.append((checkpointing.recomputing(self), checkpointing.recomputing(self.child)))
+        return self.child(x) * scale
+
+
+@pytest.mark.parametrize("wrap", ["module", "partial"])
+def test_recomputing_names_the_recomputed_module_only(wrap):
+    module = Recorder()
+    function = module if wrap == "module" else functools.partial(module.__call__, scale=2.0)
+    x = torch.randn(3, 4, requires_grad=True)
+    y = offloaded_checkpoint(function, x)
+    assert module.seen == [(False, False)]  # the first forward is not a recompute
+    y.sum().backward()
+    assert module.seen == [(False, False), (True, False)]
+    assert not checkpointing.recomputing(module)  # reset after the backward
 
 
 def test_pool_is_bounded_and_reused():

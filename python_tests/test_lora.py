@@ -18,7 +18,7 @@ from helpers import poison_cuda_allocator, rel_error
 from unsloth_ext import lora
 from unsloth_ext.lora import (LoraParts, base_weight, clear_dequant_buffers, dropout_keep_mask,
                               lora_linear, lora_mlp, lora_parts, lora_qkv, matmul_lora)
-from unsloth_ext.nf4 import NF4Weight
+from unsloth_ext.nf4 import NF4Weight, quantize_nf4
 
 bnb = pytest.importorskip("bitsandbytes")
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit  # noqa: E402  (needs bitsandbytes)
@@ -472,6 +472,51 @@ def test_gradcheck_lora_mlp(activation, approximate, blocks, monkeypatch):
 
     with _copy_on_unpack:
         assert torch.autograd.gradcheck(mlp, (X, *tensors))
+
+
+@pytest.mark.parametrize("frozen_down_A", [False, True])
+@pytest.mark.parametrize("blocks", ["one", "several"])
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float64),
+                                          pytest.param("cuda", torch.bfloat16,
+                                                       marks=pytest.mark.cuda)])
+def test_mlp_without_output_gives_the_same_gradients(device, dtype, blocks, frozen_down_A,
+                                                     monkeypatch):
+    """compute_output=False returns zeros and the gradients of the full computation (dropout on
+    all three projections, a down bias; on CUDA with NF4 weights and the kernels)."""
+    if blocks == "several":
+        monkeypatch.setattr(lora, "_MIN_BLOCK_ELEMENTS", 1)
+    torch.manual_seed(0)
+
+    def t(*shape, grad=True):
+        return (0.5 * torch.randn(*shape, device=device)).to(dtype).requires_grad_(grad)
+
+    def weight(*shape):
+        w = t(*shape, grad=False)
+        return quantize_nf4(w) if device == "cuda" else w
+
+    hidden, inter = 64, 192
+    X = t(2, 5, hidden)
+    Wg, Wu, Wd = weight(inter, hidden), weight(inter, hidden), weight(hidden, inter)
+    tensors = [t(3, hidden), t(inter, 3), t(2, hidden), t(inter, 2), t(4, inter, grad=False)
+               if frozen_down_A else t(4, inter), t(hidden, 4), t(hidden)]
+    keeps = [torch.rand(2, 5, hidden, device=device) > p for p in (0.2, 0.3)] + [
+        torch.rand(2, 5, inter, device=device) > 0.5]
+    dY = torch.randn(2, 5, hidden, device=device).to(dtype)
+
+    def grads(compute_output):
+        ag, bg, au, bu, ad, bd, bias_d = tensors
+        gate = LoraParts(Wg, None, ag, bg, 0.5, dropout_p=0.2)
+        up = LoraParts(Wu, None, au, bu, 1.5, dropout_p=0.3)
+        down = LoraParts(Wd, bias_d, ad, bd, 2.0, dropout_p=0.5)
+        Y = lora_mlp(X, gate, up, down, dropout_masks=keeps, compute_output=compute_output)
+        inputs = [x for x in (X, *tensors) if x.requires_grad]
+        return Y, torch.autograd.grad(Y, inputs, dY)
+
+    Y, expected = grads(True)
+    zeros, got = grads(False)
+    assert Y.abs().sum() > 0 and torch.equal(zeros, torch.zeros_like(Y))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
 
 
 def test_gradcheck_without_lora_and_frozen_adapter():

@@ -12,7 +12,7 @@ from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config, 
                           LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM)
 
 import unsloth_ext
-from unsloth_ext import FastLanguageModel, patch, unpatch
+from unsloth_ext import FastLanguageModel, lora, patch, unpatch
 from unsloth_ext.fast_model import DEFAULT_TARGET_MODULES
 from unsloth_ext.finetune import save_adapter
 from unsloth_ext.patching import patch_report
@@ -107,6 +107,41 @@ def test_convergence_matches_stock_cuda_bf16(tmp_path):
     _train(oracle, batches, 30)
     for name, w in _lora_weights(oracle).items():
         assert (fast_w[name] - w).norm() <= 2 * (stock_w[name] - w).norm() + 1e-3, name
+
+
+def test_offloaded_recompute_skips_the_mlp_output(tmp_path, monkeypatch):
+    """With "unsloth" checkpointing the backward recomputes each layer with its MLP told not to
+    compute its output (compute_output=False), and every LoRA gradient equals that of the same
+    model trained without checkpointing."""
+    path = _save_tiny(tmp_path)
+    ids = _batches("cpu")[0]
+    real = lora.lora_mlp
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("compute_output", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora, "lora_mlp", spy)
+    layers = TINY["num_hidden_layers"]
+    grads = {}
+    for mode, expected_calls in (("unsloth", [True] * layers + [False] * layers),
+                                 (False, [True] * layers)):
+        model = _fast(path, "cpu", torch.float32, checkpointing=mode)
+        torch.manual_seed(5)
+        with torch.no_grad():  # PEFT starts lora_B at zero, which would hide dA
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.05)
+        model.train()
+        calls.clear()
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert calls == expected_calls, mode
+        grads[mode] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert len(grads[False]) == 2 * 7 * layers
+    for name, grad in grads[False].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads["unsloth"][name], grad, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("cls,config_cls", [(LlamaForCausalLM, LlamaConfig),

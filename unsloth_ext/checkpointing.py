@@ -6,6 +6,10 @@ copies `hidden_states` to a pinned host buffer on a side stream. The backward co
 recomputes the layer with gradients and backpropagates through it. The device then holds, per
 layer, nothing but what the running layer needs.
 
+While the backward recomputes a layer, `recomputing(module)` is True for the module the
+checkpointed function calls: its output then only carries the gradient, so a forward may skip
+computing values nobody reads (the patched Llama layer skips its MLP's down projection).
+
 Pinned host memory comes from a bounded pool (`configure_offload(pool_bytes=...)` or
 `UNSLOTH_EXT_OFFLOAD_POOL_GB`, default 16 GiB): when it is exhausted the input stays on the
 device for that layer (plain recompute), with one warning; the pool never grows past its bound.
@@ -13,6 +17,8 @@ device for that layer (plain recompute), with one warning; the pool never grows 
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import os
 import threading
 import warnings
@@ -25,6 +31,22 @@ import torch
 from unsloth_ext._extension import UnslothExtWarning
 
 _DEFAULT_POOL_BYTES = int(float(os.environ.get("UNSLOTH_EXT_OFFLOAD_POOL_GB", "16")) * 2**30)
+
+# The function an offloaded checkpoint's backward is recomputing, while it runs.
+_RECOMPUTING: contextvars.ContextVar = contextvars.ContextVar("unsloth_ext_recomputing",
+                                                              default=None)
+
+
+def recomputing(module) -> bool:
+    """Whether `module` is running as the function of an offloaded checkpoint recomputed in
+    backward: the function is `module` itself, one of its bound methods, or a functools.partial
+    of either (transformers checkpoints a layer as `partial(layer.__call__, **kwargs)`). The
+    backward uses only the graph of that call's output, never its values."""
+    function = _RECOMPUTING.get()
+    while isinstance(function, functools.partial):
+        function = function.func
+    return function is not None and (function is module
+                                     or getattr(function, "__self__", None) is module)
 
 
 def _pinned_bytes(nbytes: int) -> torch.Tensor:
@@ -184,9 +206,13 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             torch.set_rng_state(ctx.rng_cpu)
             if ctx.rng_cuda is not None:
                 torch.cuda.set_rng_state(ctx.rng_cuda, ctx.device)
-            with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=ctx.autocast[1],
-                                                     enabled=ctx.autocast[0]):
-                output = ctx.function(hidden_states, *ctx.args)
+            token = _RECOMPUTING.set(ctx.function)
+            try:
+                with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=ctx.autocast[1],
+                                                         enabled=ctx.autocast[0]):
+                    output = ctx.function(hidden_states, *ctx.args)
+            finally:
+                _RECOMPUTING.reset(token)
         torch.autograd.backward(output, grad_output)
         ctx.slot = None
         return (None, hidden_states.grad) + (None,) * len(ctx.args)

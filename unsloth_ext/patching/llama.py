@@ -3,7 +3,8 @@
 Per decoder layer: RMSNorm kernels, the residual add fused into the post-attention RMSNorm, q/k/v
 through the fused LoRA QKV, RoPE in place on q and k (on transformers' own cos/sin, so every
 rope scaling is covered exactly), attention through PyTorch SDPA, o through the LoRA projection,
-the MLP through the fused LoRA MLP. The causal-LM head computes the loss with fused linear +
+the MLP through the fused LoRA MLP (recomputed by the offloaded checkpointing, whose backward
+never reads a layer's output, the MLP skips its down projection's forward). The causal-LM head computes the loss with fused linear +
 cross-entropy and never materializes the training logits. Each patched forward falls back to
 the stock one, with one warning, for anything it does not compute (e.g. DoRA adapters).
 """
@@ -42,7 +43,8 @@ def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
-def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+def mlp_forward(self, x: torch.Tensor, compute_output: bool = True) -> torch.Tensor:
+    """The fused LoRA MLP; compute_output=False: see `lora_mlp` (the stock fallback ignores it)."""
     from unsloth_ext.lora import lora_mlp
 
     activation = _ACTIVATIONS.get(self.config.hidden_act)
@@ -53,7 +55,8 @@ def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     except (TypeError, ValueError) as exc:
         _fallback(f"MLP not fused: {exc}")
         return type(self).forward(self, x)
-    return lora_mlp(x, *parts, activation=activation[0], approximate=activation[1])
+    return lora_mlp(x, *parts, activation=activation[0], approximate=activation[1],
+                    compute_output=compute_output)
 
 
 def _rope_positions(cos: torch.Tensor, seq: int) -> torch.Tensor:
@@ -100,6 +103,7 @@ def attention_forward(self, hidden_states: torch.Tensor,
 def decoder_layer_forward(self, hidden_states: torch.Tensor, attention_mask=None,
                           position_ids=None, past_key_values=None, use_cache=False,
                           position_embeddings=None, **kwargs) -> torch.Tensor:
+    from unsloth_ext.checkpointing import recomputing
     from unsloth_ext.ops.add_rms_norm import add_rms_norm
 
     residual = hidden_states
@@ -114,6 +118,10 @@ def decoder_layer_forward(self, hidden_states: torch.Tensor, attention_mask=None
     norm = self.post_attention_layernorm
     hidden_states, residual = add_rms_norm(hidden_states.to(dtype), residual.to(dtype),
                                            norm.weight, norm.variance_epsilon)
+    if recomputing(self):
+        # Recomputed in an offloaded checkpoint's backward: the layer's output only carries the
+        # gradient, so the MLP's output values (its down projection) are not computed.
+        return residual + self.mlp(hidden_states, compute_output=False)
     return residual + self.mlp(hidden_states)
 
 
