@@ -129,6 +129,11 @@ def _dropped(x: torch.Tensor, keep: torch.Tensor | None, p: float,
     return kept.mul_(1.0 / (1.0 - p))
 
 
+def _scale_(t: torch.Tensor, scaling: float) -> torch.Tensor:
+    """t·scaling in place; t itself when scaling is 1 (lora_alpha = r), which launches nothing."""
+    return t if scaling == 1 else t.mul_(scaling)
+
+
 # --- one projection's pieces, inside the Functions ------------------------------------------------
 
 
@@ -208,10 +213,10 @@ def _lora_down(X: torch.Tensor, projs: Sequence[_Projection]) -> list[torch.Tens
     if plain:
         xa = torch.mm(X, _stack([projs[i].A for i in plain], 0).t())
         for i, part in zip(plain, xa.split([projs[i].A.shape[0] for i in plain], dim=1)):
-            result[i] = part.mul_(projs[i].scaling)
+            result[i] = _scale_(part, projs[i].scaling)
     for i, p in enumerate(projs):
         if p.lora and p.keep is not None:
-            result[i] = torch.mm(_dropped(X, p.keep, p.dropout_p), p.A.t()).mul_(p.scaling)
+            result[i] = _scale_(torch.mm(_dropped(X, p.keep, p.dropout_p), p.A.t()), p.scaling)
     return result
 
 
@@ -232,6 +237,15 @@ def _project(X: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None,
     return Y.addmm_(X, W.t())
 
 
+def _grad_mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a·b as a gradient in `dtype`. On CUDA, the 16-bit product for an fp32 parameter comes out
+    of the GEMM's fp32 accumulator (no 16-bit rounding, no conversion kernel); elsewhere the
+    product is converted."""
+    if dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b).to(dtype)
+
+
 def _projections_backward(X: torch.Tensor | None, projs: Sequence[_Projection],
                           sxas: Sequence[torch.Tensor | None], dYs: Sequence[torch.Tensor],
                           needs: Sequence[tuple[bool, bool, bool]], dtypes: Sequence,
@@ -247,13 +261,16 @@ def _projections_backward(X: torch.Tensor | None, projs: Sequence[_Projection],
         if need_bias:
             grads[at + _BIAS] = dY.sum(0).to(dtypes[at + _BIAS])
         if need_B:
-            grads[at + _B] = torch.mm(dY.t(), sxa).to(dtypes[at + _B])
-        dzs.append(torch.mm(dY, p.B).mul_(p.scaling) if p.lora and (need_A or need_dX) else None)
+            grads[at + _B] = _grad_mm(dY.t(), sxa, dtypes[at + _B])
+        dzs.append(_scale_(torch.mm(dY, p.B), p.scaling) if p.lora and (need_A or need_dX)
+                   else None)
 
     # dA = dzᵀ·D(X); projections without dropout share one GEMM over X.
     plain = [i for i, p in enumerate(projs) if dzs[i] is not None and p.keep is None]
     if any(needs[i][1] for i in plain):
-        dA = torch.mm(_stack([dzs[i] for i in plain], 1).t(), X)
+        a_dtypes = {dtypes[_PER_PROJECTION * i + _A] for i in plain if needs[i][1]}
+        dA = _grad_mm(_stack([dzs[i] for i in plain], 1).t(), X,
+                      a_dtypes.pop() if len(a_dtypes) == 1 else X.dtype)
         for i, part in zip(plain, dA.split([dzs[i].shape[1] for i in plain], dim=0)):
             if needs[i][1]:
                 grads[_PER_PROJECTION * i + _A] = part.to(dtypes[_PER_PROJECTION * i + _A])
@@ -261,8 +278,9 @@ def _projections_backward(X: torch.Tensor | None, projs: Sequence[_Projection],
     for i in dropped:
         p = projs[i]
         if needs[i][1]:
-            dA = torch.mm(dzs[i].t(), _dropped(X, p.keep, p.dropout_p))
-            grads[_PER_PROJECTION * i + _A] = dA.to(dtypes[_PER_PROJECTION * i + _A])
+            dropped_X = _dropped(X, p.keep, p.dropout_p)
+            grads[_PER_PROJECTION * i + _A] = _grad_mm(dzs[i].t(), dropped_X,
+                                                       dtypes[_PER_PROJECTION * i + _A])
 
     dX = None
     if need_dX:
@@ -279,13 +297,13 @@ def _projections_backward(X: torch.Tensor | None, projs: Sequence[_Projection],
     return dX, grads
 
 
-def _saved_projection_tensors(projs, tensors, sxas, needs) -> list:
-    """What backward needs of each projection: A, B (the given tensors), s·D(X)·Aᵀ when B needs
-    a gradient, and the keep-mask."""
+def _saved_projection_tensors(projs, sxas, needs) -> list:
+    """What backward needs of each projection: A and B as forward used them (in the compute
+    dtype: fp32 adapters beside 16-bit activations are saved as their 16-bit copies, so backward
+    does not convert them again), s·D(X)·Aᵀ when B needs a gradient, and the keep-mask."""
     saved = []
     for i, p in enumerate(projs):
-        at = _PER_PROJECTION * i
-        saved += [tensors[at + _A], tensors[at + _B], sxas[i] if needs[i][2] else None, p.keep]
+        saved += [p.A, p.B, sxas[i] if needs[i][2] else None, p.keep]
     return saved
 
 
@@ -307,8 +325,8 @@ class LoraLinears(torch.autograd.Function):
 
     apply(X, statics, *tensors): statics holds each projection's weight, scaling and dropout p;
     tensors holds each projection's (bias, A, B, keep-mask). Saves X (when some A needs a
-    gradient) and per projection A, B, s·D(X)·Aᵀ `[T, r]` (when B needs a gradient) and the
-    keep-mask; never W, which backward dequantizes again."""
+    gradient) and per projection A and B in the compute dtype, s·D(X)·Aᵀ `[T, r]` (when B needs
+    a gradient) and the keep-mask; never W, which backward dequantizes again."""
 
     @staticmethod
     def forward(ctx, X, statics, *tensors):
@@ -320,7 +338,7 @@ class LoraLinears(torch.autograd.Function):
         needs = _needs(ctx, 2, len(projs))
         ctx.statics, ctx.dtypes = statics, _param_dtypes(tensors)
         ctx.save_for_backward(X if any(n[1] for n in needs) else None,
-                              *_saved_projection_tensors(projs, tensors, sxas, needs))
+                              *_saved_projection_tensors(projs, sxas, needs))
         return outs
 
     @staticmethod
@@ -386,7 +404,7 @@ def _mlp_down_forward(X: torch.Tensor, e: torch.Tensor, g: torch.Tensor, activat
         sha_rows = None
         if down.lora:
             hd = _dropped(h, _rows(down.keep, rows), down.dropout_p)
-            sha_rows = torch.mm(hd, down.A.t(), out=sha[rows]).mul_(down.scaling)
+            sha_rows = _scale_(torch.mm(hd, down.A.t(), out=sha[rows]), down.scaling)
             del hd
         _project(h, W, down.bias, sha_rows, down.B, out=Y[rows])
         del h  # freed before the next block's h is allocated: one block exists at a time
@@ -399,10 +417,11 @@ class LoraMLP(torch.autograd.Function):
     apply(X, statics, activation, compute_output, *tensors): statics holds (gate, up, down)
     weights, scalings and dropout p's; tensors holds each projection's (bias, A, B, keep-mask);
     the down projection's keep-mask is `[T, I]`. Saves X (when gate's or up's A needs a gradient),
-    e = gate(X) and g = up(X) `[T, I]`, and per projection A, B, the LoRA intermediate
-    s·D(input)·Aᵀ `[T, r]` (when B needs a gradient) and the keep-mask. h is recomputed in
-    backward, one row block at a time, and backward overwrites the saved e and g with their
-    gradients: the graph cannot be backpropagated twice (autograd reports the in-place change).
+    e = gate(X) and g = up(X) `[T, I]`, and per projection A and B in the compute dtype, the LoRA
+    intermediate s·D(input)·Aᵀ `[T, r]` (when B needs a gradient) and the keep-mask. h is
+    recomputed in backward, one row block at a time, and backward overwrites the saved e and g
+    with their gradients: the graph cannot be backpropagated twice (autograd reports the in-place
+    change).
 
     compute_output False (the caller backpropagates through Y but never reads its values, as in
     a checkpointed layer's recompute): forward stops after e and g and returns zeros, and backward
@@ -423,8 +442,8 @@ class LoraMLP(torch.autograd.Function):
         ctx.statics, ctx.activation = statics, activation
         ctx.dtypes = _param_dtypes(tensors)
         ctx.save_for_backward(X if needs[0][1] or needs[1][1] else None, e, g,
-                              *_saved_projection_tensors((gate, up, down), tensors,
-                                                         (sxa_g, sxa_u, sha), needs))
+                              *_saved_projection_tensors((gate, up, down), (sxa_g, sxa_u, sha),
+                                                         needs))
         return Y
 
     @staticmethod
@@ -442,7 +461,7 @@ class LoraMLP(torch.autograd.Function):
             rebuild_sha = need_B and sha is None
             if rebuild_sha:
                 sha = dY.new_empty(dY.shape[0], down.A.shape[0])
-            dz = torch.mm(dY, down.B).mul_(down.scaling) if down.lora else None
+            dz = _scale_(torch.mm(dY, down.B), down.scaling) if down.lora else None
             dA = (torch.zeros(down.A.shape, dtype=acc_dtype(dY.dtype), device=dY.device)
                   if need_A else None)
             W = _dense(down.weight, dY.dtype)
@@ -453,9 +472,9 @@ class LoraMLP(torch.autograd.Function):
                     h = _dropped(ctx.activation.forward(e[rows], g[rows]), keep,
                                  down.dropout_p, inplace=True)
                     if dA is not None:
-                        dA += torch.mm(dz[rows].t(), h)
+                        dA += _grad_mm(dz[rows].t(), h, dA.dtype)
                     if rebuild_sha:
-                        torch.mm(h, down.A.t(), out=sha[rows]).mul_(down.scaling)
+                        _scale_(torch.mm(h, down.A.t(), out=sha[rows]), down.scaling)
                     del h
                 if dz is None:
                     dh = torch.mm(dY[rows], W)
@@ -464,7 +483,7 @@ class LoraMLP(torch.autograd.Function):
                     dh.addmm_(dY[rows], W)
                 ctx.activation.backward_(dh, e[rows], g[rows])
                 del dh
-            dB = torch.mm(dY.t(), sha).to(down_dtypes[_B]) if need_B else None
+            dB = _grad_mm(dY.t(), sha, down_dtypes[_B]) if need_B else None
             # e and g now hold their gradients.
             dX, grads = _projections_backward(X, (gate, up), (sxa_g, sxa_u), (e, g), needs[:2],
                                               gate_up_dtypes, ctx.needs_input_grad[0])
