@@ -7,8 +7,9 @@ One identical loop for both: forward with labels, backward, AdamW step. Stock us
 gradient checkpointing (torch.utils.checkpoint); unsloth_ext uses FastLanguageModel with its
 "unsloth" (offloaded) checkpointing. NF4 + double quantization, LoRA r=16 on the 7 projections,
 bf16 compute. Each mode runs in a process of its own. Reports tokens/s, s/step, peak allocated
-memory and what the loaded model holds; results go to
-benchmarks/results/train_<gpu>.{json,md}.
+memory and what the loaded model holds, and how busy one more step keeps the GPU (Torch
+profiler: the kernels and copies it runs on the GPU, the time at least one of them runs, and
+that step's span from the first to the last); results go to benchmarks/results/train_<gpu>.{json,md}.
 """
 
 from __future__ import annotations
@@ -79,6 +80,23 @@ def unsloth_ext_model(path: Path):
                                             random_state=3407)
 
 
+def gpu_busy(step) -> dict:
+    """One call of `step` under the Torch profiler: the GPU's kernels and copies, the union of
+    their run times, and the span from the first one's start to the last one's end (ms)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > 0)
+    busy, end = 0.0, spans[0][0]
+    for start, stop in spans:
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    return dict(gpu_ops=len(spans), busy_ms=busy / 1e3, span_ms=(end - spans[0][0]) / 1e3)
+
+
 def run(mode: str, path: Path, seq: int, batch: int, steps: int, warmup: int) -> dict:
     """The same loop for every mode. Peak allocated memory is reported for the first step (which
     also allocates the optimizer state and every lazily made buffer) and for the timed steps;
@@ -92,22 +110,26 @@ def run(mode: str, path: Path, seq: int, batch: int, steps: int, warmup: int) ->
     batches = [torch.randint(0, vocab, (batch, seq), device="cuda", generator=gen)
                for _ in range(warmup + steps)]
     losses, peaks = [], []
+
+    def step(ids):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
     for i, ids in enumerate(batches):
         torch.cuda.synchronize()
         if i == warmup:
             start = time.perf_counter()
         torch.cuda.reset_peak_memory_stats()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(step(ids).item())
         peaks.append(torch.cuda.max_memory_allocated() / 2**30)
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
     return dict(s_per_step=seconds, tokens_per_s=batch * seq / seconds,
                 peak_gib=max(peaks[warmup:]), first_step_peak_gib=peaks[0], model_gib=model_gib,
-                losses=losses)
+                losses=losses, profiled_step=gpu_busy(lambda: step(batches[-1])))
 
 
 def run_isolated(*args) -> dict:
@@ -152,11 +174,14 @@ def main() -> int:
     stock = results.get("stock")
     for mode, r in results.items():
         speedup = f"{r['tokens_per_s'] / stock['tokens_per_s']:.2f}x" if stock else "-"
+        busy = r["profiled_step"]
         rows.append([mode, f"{r['s_per_step']:.3f}", f"{r['tokens_per_s']:,.0f}",
                      f"{r['peak_gib']:.2f}", f"{r['first_step_peak_gib']:.2f}",
-                     f"{r['model_gib']:.2f}", speedup])
+                     f"{r['model_gib']:.2f}", speedup, f"{busy['gpu_ops']:,}",
+                     f"{busy['busy_ms']:.0f} / {busy['span_ms']:.0f}"])
     table = markdown_table(["mode", "s/step", "tokens/s", "peak GiB (timed steps)",
-                            "peak GiB (first step)", "model GiB", "vs stock"], rows)
+                            "peak GiB (first step)", "model GiB", "vs stock", "GPU ops / step",
+                            "profiled step: GPU busy / span, ms"], rows)
     table = (f"{args.preset}, seq {args.seq}, batch {args.batch}, {args.steps} timed steps after "
              f"{args.warmup} warm-up, QLoRA NF4 + double quant, r=16 on 7 projections, bf16\n\n"
              + table)
