@@ -9,7 +9,8 @@ gradient checkpointing (torch.utils.checkpoint); unsloth_ext uses FastLanguageMo
 bf16 compute. Each mode runs in a process of its own. Reports tokens/s, s/step, peak allocated
 memory and what the loaded model holds, and how busy one more step keeps the GPU (Torch
 profiler: the kernels and copies it runs on the GPU, the time at least one of them runs, and
-that step's span from the first to the last); results go to benchmarks/results/train_<gpu>.{json,md}.
+that step's span from the first to the last); results go to
+benchmarks/results/train_<gpu>.{json,md}.
 """
 
 from __future__ import annotations
