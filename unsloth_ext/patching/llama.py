@@ -119,11 +119,9 @@ def decoder_layer_forward(self, hidden_states: torch.Tensor, attention_mask=None
     norm = self.post_attention_layernorm
     hidden_states, residual = add_rms_norm(hidden_states.to(dtype), residual.to(dtype),
                                            norm.weight, norm.variance_epsilon)
-    if recomputing(self):
-        # Recomputed in an offloaded checkpoint's backward: the layer's output only carries the
-        # gradient, so the MLP's output values (its down projection) are not computed.
-        return residual + self.mlp(hidden_states, compute_output=False)
-    return residual + self.mlp(hidden_states)
+    # Recomputed in an offloaded checkpoint's backward, the layer's output only carries the
+    # gradient, so the MLP's output values (its down projection) are not computed.
+    return residual + self.mlp(hidden_states, compute_output=not recomputing(self))
 
 
 def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None,
