@@ -65,6 +65,25 @@ def test_recomputing_names_the_recomputed_module_only(wrap):
     assert not checkpointing.recomputing(module)  # reset after the backward
 
 
+def test_memo_is_shared_by_the_forward_and_its_recompute_only():
+    memos = []
+
+    def function(x):
+        memos.append(checkpointing.checkpoint_memo())
+        memos[-1].setdefault("calls", []).append(len(memos))
+        return x * 2
+
+    assert checkpointing.checkpoint_memo() is None
+    x = torch.randn(3, requires_grad=True)
+    first, second = offloaded_checkpoint(function, x), offloaded_checkpoint(function, x)
+    assert checkpointing.checkpoint_memo() is None
+    (first + second).sum().backward()
+    assert len(memos) == 4 and memos[0] is not memos[1]  # one memo per checkpoint call
+    assert memos[2] is memos[1] and memos[3] is memos[0]  # the backward runs them in reverse
+    assert memos[0]["calls"] == [1, 4] and memos[1]["calls"] == [2, 3]
+    assert checkpointing.checkpoint_memo() is None
+
+
 def test_pool_is_bounded_and_reused():
     pool = PinnedPool(capacity=3 * 1024, allocate=lambda n: torch.empty(n, dtype=torch.uint8))
     first = pool.acquire(1024)

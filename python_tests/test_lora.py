@@ -16,6 +16,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 from helpers import poison_cuda_allocator, rel_error
 from unsloth_ext import lora
+from unsloth_ext.checkpointing import offloaded_checkpoint
 from unsloth_ext.lora import (LoraParts, base_weight, clear_dequant_buffers, dropout_keep_mask,
                               lora_linear, lora_mlp, lora_parts, lora_qkv, matmul_lora)
 from unsloth_ext.nf4 import NF4Weight, quantize_nf4
@@ -256,6 +257,48 @@ def test_fp32_adapters_beside_bf16_activations():
     X = _X(s["hidden"], torch.bfloat16)
     grads = torch.autograd.grad(lora_linear(X, parts).sum(), [X, *_adapter(layer)])
     assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32]
+
+
+def test_fp32_adapters_are_copied_once_per_checkpointed_call(monkeypatch):
+    # One bf16 copy of a call's fp32 adapters, with the A's of projections that share X stacked
+    # as a view of it; an offloaded checkpoint's recompute reuses the forward's copy.
+    s = SHAPES["nf4"]
+    layers = [_lora(_base("nf4", s["hidden"], s[o], torch.bfloat16, False), r,
+                    adapter_dtype=torch.float32) for o, r in (("q", 8), ("kv", 16), ("kv", 64))]
+    parts = [lora_parts(layer) for layer in layers]
+    params = _qkv_params(layers)
+    X = _X(s["hidden"], torch.bfloat16)
+    copies = []
+
+    def spy(tensors, dtype):
+        copies.append(real(tensors, dtype))
+        return copies[-1]
+
+    real = lora._adapter_copies
+    monkeypatch.setattr(lora, "_adapter_copies", spy)
+
+    def run(checkpointed):
+        def qkv(x):
+            return torch.cat(lora_qkv(x, *parts), -1)
+
+        for t in (X, *params):
+            t.grad = None
+        Y = offloaded_checkpoint(qkv, X) if checkpointed else qkv(X)
+        Y.float().square().sum().backward()  # the checkpoint accumulates into .grad
+        return [t.grad for t in (X, *params)]
+
+    plain = run(False)
+    assert len(copies) == 1  # the backward uses the saved copy
+    As, Bs = copies[0][:3], copies[0][3:]
+    assert [c.dtype for c in copies[0]] == [torch.bfloat16] * 6
+    assert torch.equal(torch.cat(As), torch.cat([p.to(torch.bfloat16) for p in params[0::2]]))
+    assert all(torch.equal(b, p.to(torch.bfloat16)) for b, p in zip(Bs, params[1::2]))
+    stacked = lora._stack(As, 0)
+    assert stacked._base is As[0]._base and torch.equal(stacked, torch.cat(As))
+    checkpointed = run(True)
+    assert len(copies) == 3 and copies[2] is copies[1]  # forward, then the recompute's reuse
+    for got, want in zip(checkpointed, plain):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def _under_autocast(fn):

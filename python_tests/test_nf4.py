@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnb_f
@@ -298,6 +299,14 @@ def test_nf4weight_checks_its_fields(changes, err, match):
     fields = _state() | changes
     with pytest.raises(err, match=match):
         NF4Weight(**fields)
+
+
+def test_nf4weight_fields_cannot_be_reassigned():
+    # Dequantization trusts the state checked at construction, so it must not change after.
+    w = NF4Weight(**_state())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        w.blocksize = 32
+    assert dataclasses.replace(w, offset=0.5).offset == 0.5  # a new, checked weight
 
 
 @pytest.mark.parametrize("make,kwargs,err,match", [

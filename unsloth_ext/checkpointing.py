@@ -9,6 +9,9 @@ layer, nothing but what the running layer needs.
 While the backward recomputes a layer, `recomputing(module)` is True for the module the
 checkpointed function calls: its output then only carries the gradient, so a forward may skip
 computing values nobody reads (the patched Llama layer skips its MLP's down projection).
+`checkpoint_memo()` is a dict that a checkpoint's forward and its recompute share: what a
+function derives there from the parameters alone (the LoRA Functions' compute-dtype copies of
+the adapters) is made once per layer and step.
 
 Pinned host memory comes from a bounded pool (`configure_offload(pool_bytes=...)` or
 `UNSLOTH_EXT_OFFLOAD_POOL_GB`, default 16 GiB): when it is exhausted the input stays on the
@@ -35,6 +38,19 @@ _DEFAULT_POOL_BYTES = int(float(os.environ.get("UNSLOTH_EXT_OFFLOAD_POOL_GB", "1
 # The function an offloaded checkpoint's backward is recomputing, while it runs.
 _RECOMPUTING: contextvars.ContextVar = contextvars.ContextVar("unsloth_ext_recomputing",
                                                               default=None)
+
+
+# The memo of the offloaded checkpoint whose forward or recompute is running.
+_MEMO: contextvars.ContextVar = contextvars.ContextVar("unsloth_ext_checkpoint_memo", default=None)
+
+
+def checkpoint_memo() -> dict | None:
+    """The dict shared by the running offloaded checkpoint's forward and its recompute in the
+    backward (None outside one). A function may keep there what it computed from parameters in
+    the forward and reuse it when recomputed: the backward of that call sees the same parameters
+    (the optimizer steps after it). Keys should name their owner, e.g. ("adapters", ...). The
+    dict is dropped once the checkpoint's backward is done."""
+    return _MEMO.get()
 
 
 def recomputing(module) -> bool:
@@ -193,8 +209,13 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.rng_cuda = torch.cuda.get_rng_state(hidden_states.device) if hidden_states.is_cuda else None
         ctx.autocast = (torch.is_autocast_enabled(hidden_states.device.type),
                         torch.get_autocast_dtype(hidden_states.device.type))
-        with torch.no_grad():
-            output = function(hidden_states, *args)
+        ctx.memo = {}
+        token = _MEMO.set(ctx.memo)
+        try:
+            with torch.no_grad():
+                output = function(hidden_states, *args)
+        finally:
+            _MEMO.reset(token)
         ctx.slot = _OFFLOADER.offload(hidden_states)
         return output
 
@@ -206,15 +227,16 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             torch.set_rng_state(ctx.rng_cpu)
             if ctx.rng_cuda is not None:
                 torch.cuda.set_rng_state(ctx.rng_cuda, ctx.device)
-            token = _RECOMPUTING.set(ctx.function)
+            tokens = _RECOMPUTING.set(ctx.function), _MEMO.set(ctx.memo)
             try:
                 with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=ctx.autocast[1],
                                                          enabled=ctx.autocast[0]):
                     output = ctx.function(hidden_states, *ctx.args)
             finally:
-                _RECOMPUTING.reset(token)
+                _MEMO.reset(tokens[1])
+                _RECOMPUTING.reset(tokens[0])
         torch.autograd.backward(output, grad_output)
-        ctx.slot = None
+        ctx.slot = ctx.memo = None
         return (None, hidden_states.grad) + (None,) * len(ctx.args)
 
 

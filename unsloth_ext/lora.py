@@ -27,6 +27,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from unsloth_ext.checkpointing import checkpoint_memo
 from unsloth_ext.nf4 import NF4Weight
 from unsloth_ext.ops._library import acc_dtype, check_float, check_nonempty
 from unsloth_ext.ops.glu import geglu, geglu_backward_, swiglu, swiglu_backward_
@@ -178,14 +179,36 @@ class _Projection:
         return self.A is not None
 
 
+def _adapter_copies(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """The adapter tensors (a Function's A's, then its B's) in `dtype`: views, in that order, of
+    one new 1-D buffer made in two launches whatever their number (concatenate, convert), so that
+    consecutive A's stack into one matrix as a view (`_stack`). Inside an offloaded checkpoint the
+    recompute reuses the forward's copies (`checkpoint_memo`)."""
+    memo = checkpoint_memo()
+    key = ("lora adapter copies", dtype, *map(id, tensors))
+    if memo is not None and key in memo:
+        return memo[key]
+    flat = torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
+    copies = [piece.view(t.shape)
+              for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+    if memo is not None:
+        memo[key] = copies
+    return copies
+
+
 def _projections(statics: Sequence[_Static], tensors: Sequence, dtype: torch.dtype
                  ) -> list[_Projection]:
-    result = []
-    for i, st in enumerate(statics):
-        bias, A, B, keep = tensors[_PER_PROJECTION * i:_PER_PROJECTION * (i + 1)]
-        bias, A, B = (None if t is None else t.to(dtype) for t in (bias, A, B))
-        result.append(_Projection(st.weight, st.scaling, st.dropout_p, bias, A, B, keep))
-    return result
+    """The projections with bias, A and B in `dtype`; A's and B's in another dtype (fp32
+    adapters beside 16-bit activations) are copied together (`_adapter_copies`)."""
+    per = [tensors[_PER_PROJECTION * i:_PER_PROJECTION * (i + 1)] for i in range(len(statics))]
+    lora = [i for i, (_, A, _, _) in enumerate(per) if A is not None]
+    adapters = [per[i][_A] for i in lora] + [per[i][_B] for i in lora]
+    if any(t.dtype != dtype for t in adapters):
+        adapters = _adapter_copies(adapters, dtype)
+    As, Bs = dict(zip(lora, adapters[:len(lora)])), dict(zip(lora, adapters[len(lora):]))
+    return [_Projection(st.weight, st.scaling, st.dropout_p,
+                        None if bias is None else bias.to(dtype), As.get(i), Bs.get(i), keep)
+            for i, (st, (bias, _, _, keep)) in enumerate(zip(statics, per))]
 
 
 def _param_dtypes(tensors: Sequence) -> list:
@@ -201,8 +224,29 @@ def _needs(ctx, first: int, count: int) -> list[tuple[bool, bool, bool]]:
             for i in range(count)]
 
 
+def _adjacent_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The 2-D tensors stacked along dim 0 as a view, when they lie one after another in one 1-D
+    buffer (as `_adapter_copies` lays out A's); None otherwise."""
+    first = tensors[0]
+    base = first._base
+    if base is None or base.dim() != 1:
+        return None
+    end = first.storage_offset()
+    for t in tensors:
+        if (t._base is not base or t.storage_offset() != end or not t.is_contiguous()
+                or t.shape[1] != first.shape[1]):
+            return None
+        end += t.numel()
+    start = first.storage_offset() - base.storage_offset()
+    return base[start:start + end - first.storage_offset()].view(-1, first.shape[1])
+
+
 def _stack(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
+    """torch.cat(tensors, dim); along dim 0, a view when the tensors are adjacent rows."""
+    if len(tensors) == 1:
+        return tensors[0]
+    rows = _adjacent_rows(tensors) if dim == 0 else None
+    return torch.cat(tensors, dim) if rows is None else rows
 
 
 def _lora_down(X: torch.Tensor, projs: Sequence[_Projection]) -> list[torch.Tensor | None]:

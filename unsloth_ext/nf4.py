@@ -29,8 +29,8 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from unsloth_ext.ops.nf4 import (ABSMAX_BLOCK, BLOCKSIZES, COMPUTE_DTYPES, NF4_LEVELS,
-                                 check_lora, check_nf4_state, nf4_dequantize, nf4_gemv,
-                                 nf4_gemv_supported)
+                                 check_dequantize_out, check_lora, check_nf4_state,
+                                 dequantize_checked, nf4_gemv, nf4_gemv_supported)
 
 # Midpoints between consecutive NF4 levels, in fp32 (equal to bitsandbytes' CUDA thresholds).
 NF4_MIDPOINTS = (NF4_LEVELS[:-1] + NF4_LEVELS[1:]) / 2
@@ -56,7 +56,7 @@ DYNAMIC_MIDPOINTS = (DYNAMIC_MAP[:-1] + DYNAMIC_MAP[1:]) / 2
 _BNB_VIEWS = WeakIdKeyDictionary()
 
 
-@dataclass
+@dataclass(frozen=True)
 class NF4Weight:
     """An [out_features, in_features] weight in NF4 (see the module docstring).
 
@@ -67,7 +67,8 @@ class NF4Weight:
              reference).
     absmax2: fp32 [ceil(n_blocks / 256)] and code2: fp32 [256], with double quantization only.
     offset:  the mean subtracted from the absmax before its quantization.
-    All tensors on one device. The fields are checked on construction (no device sync).
+    All tensors on one device. The fields are checked on construction (no device sync) and
+    cannot be reassigned afterwards (a frozen dataclass; `dataclasses.replace` makes a new one).
     """
     packed: torch.Tensor
     absmax: torch.Tensor
@@ -79,7 +80,7 @@ class NF4Weight:
     offset: float = 0.0
 
     def __post_init__(self):
-        self.shape = torch.Size(self.shape)
+        object.__setattr__(self, "shape", torch.Size(self.shape))
         if len(self.shape) != 2 or min(self.shape) < 1:
             raise ValueError(f"shape is {tuple(self.shape)}; expected (out_features, "
                              "in_features), both positive")
@@ -223,7 +224,10 @@ def dequantize_nf4(w: NF4Weight, out: torch.Tensor | None = None) -> torch.Tenso
     elif out.shape != w.shape or out.dtype != w.dtype:
         raise ValueError(f"out has shape {tuple(out.shape)} and dtype {out.dtype}; expected "
                          f"{tuple(w.shape)} and {w.dtype}")
-    nf4_dequantize(w.packed, w.absmax, w.absmax2, w.code2, w.offset, w.blocksize, out)
+    else:
+        check_dequantize_out(out, w.device)
+    # The state was checked when w was made (its fields cannot change since).
+    dequantize_checked(w.packed, w.absmax, w.absmax2, w.code2, w.offset, w.blocksize, out)
     return out
 
 

@@ -141,10 +141,23 @@ def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Te
     fp16 or fp32 tensor with as many elements as the weight, on the weight's device."""
     _check_compute_tensor(out, "out")
     check_nf4_state(packed, absmax, absmax2, code2, offset, blocksize, out.numel())
-    if out.device != packed.device:
-        raise ValueError(f"out is on {out.device} but packed is on {packed.device}")
+    check_dequantize_out(out, packed.device)
+    dequantize_checked(packed, absmax, absmax2, code2, offset, blocksize, out)
+
+
+def check_dequantize_out(out: torch.Tensor, device: torch.device) -> None:
+    if out.device != device:
+        raise ValueError(f"out is on {out.device} but packed is on {device}")
     if not out.is_contiguous():
         raise ValueError(f"out is not contiguous (strides {out.stride()})")
+
+
+def dequantize_checked(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
+                       code2: torch.Tensor | None, offset: float, blocksize: int,
+                       out: torch.Tensor) -> None:
+    """`nf4_dequantize` of arguments already checked: a state that passed `check_nf4_state` (an
+    NF4Weight's) into an `out` that passed `check_dequantize_out` and holds as many values in a
+    compute dtype."""
     if out.dtype in KERNEL_DTYPES and use_kernel("nf4", out):
         op("nf4_dequantize")(packed, absmax, absmax2, code2, offset, blocksize, out)
     else:

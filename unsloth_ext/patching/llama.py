@@ -28,14 +28,22 @@ def _fallback(reason: str) -> None:
 
 
 def _parts(module: torch.nn.Module):
-    """LoraParts of a PEFT LoRA layer, a Linear or a bitsandbytes Linear4bit."""
+    """LoraParts of a PEFT LoRA layer, a Linear or a bitsandbytes Linear4bit; an offloaded
+    checkpoint's recompute reuses those its forward read."""
     from peft.tuners.lora import LoraLayer
 
+    from unsloth_ext.checkpointing import checkpoint_memo
     from unsloth_ext.lora import LoraParts, base_weight, lora_parts
 
-    if isinstance(module, LoraLayer):
-        return lora_parts(module)
-    return LoraParts(base_weight(module), module.bias)
+    memo = checkpoint_memo()
+    key = ("lora parts", id(module))
+    if memo is not None and key in memo:
+        return memo[key]
+    parts = lora_parts(module) if isinstance(module, LoraLayer) else LoraParts(
+        base_weight(module), module.bias)
+    if memo is not None:
+        memo[key] = parts
+    return parts
 
 
 def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
