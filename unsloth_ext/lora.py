@@ -130,9 +130,15 @@ def _dropped(x: torch.Tensor, keep: torch.Tensor | None, p: float,
     return kept.mul_(1.0 / (1.0 - p))
 
 
-def _scale_(t: torch.Tensor, scaling: float) -> torch.Tensor:
-    """t·scaling in place; t itself when scaling is 1 (lora_alpha = r), which launches nothing."""
-    return t if scaling == 1 else t.mul_(scaling)
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scaling: float,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """scaling·a·b (into out when given) in one GEMM: a scaling other than 1 is the GEMM's alpha
+    (addmm with beta 0, which never reads what out held)."""
+    if scaling == 1:
+        return torch.mm(a, b, out=out)
+    if out is None:
+        out = a.new_empty(a.shape[0], b.shape[1])
+    return out.addmm_(a, b, beta=0, alpha=scaling)
 
 
 # --- one projection's pieces, inside the Functions ------------------------------------------------
@@ -255,12 +261,15 @@ def _lora_down(X: torch.Tensor, projs: Sequence[_Projection]) -> list[torch.Tens
     result: list[torch.Tensor | None] = [None] * len(projs)
     plain = [i for i, p in enumerate(projs) if p.lora and p.keep is None]
     if plain:
-        xa = torch.mm(X, _stack([projs[i].A for i in plain], 0).t())
+        scalings = {projs[i].scaling for i in plain}
+        common = scalings.pop() if len(scalings) == 1 else 1.0
+        xa = _scaled_mm(X, _stack([projs[i].A for i in plain], 0).t(), common)
         for i, part in zip(plain, xa.split([projs[i].A.shape[0] for i in plain], dim=1)):
-            result[i] = _scale_(part, projs[i].scaling)
+            scaling = projs[i].scaling
+            result[i] = part if scaling == common else part.mul_(scaling)
     for i, p in enumerate(projs):
         if p.lora and p.keep is not None:
-            result[i] = _scale_(torch.mm(_dropped(X, p.keep, p.dropout_p), p.A.t()), p.scaling)
+            result[i] = _scaled_mm(_dropped(X, p.keep, p.dropout_p), p.A.t(), p.scaling)
     return result
 
 
@@ -298,23 +307,34 @@ def _projections_backward(X: torch.Tensor | None, projs: Sequence[_Projection],
     Returns dX (None unless need_dX) and the gradients of the projections' tensor arguments,
     (dbias, dA, dB, None) each, in the dtypes `dtypes` of those arguments."""
     grads = [None] * (_PER_PROJECTION * len(projs))
-    dzs: list[torch.Tensor | None] = []  # s·dY·B `[T, r]`: the gradient of D(X)·Aᵀ
+    # dz = s·dY·B `[T, r]`, the gradient of D(X)·Aᵀ. Those of the projections without dropout
+    # are written side by side into one `[T, Σr]` tensor, which dA and dX take whole.
+    with_dz = [p.lora and (needs[i][1] or need_dX) for i, p in enumerate(projs)]
+    plain = [i for i, p in enumerate(projs) if with_dz[i] and p.keep is None]
+    dz_plain = (dYs[0].new_empty(dYs[0].shape[0], sum(projs[i].B.shape[1] for i in plain))
+                if len(plain) > 1 else None)
+    dzs: list[torch.Tensor | None] = [None] * len(projs)
+    column = 0
     for i, (p, sxa, dY) in enumerate(zip(projs, sxas, dYs)):
-        need_bias, need_A, need_B = needs[i]
+        need_bias, _, need_B = needs[i]
         at = _PER_PROJECTION * i
         if need_bias:
             grads[at + _BIAS] = dY.sum(0).to(dtypes[at + _BIAS])
         if need_B:
             grads[at + _B] = _grad_mm(dY.t(), sxa, dtypes[at + _B])
-        dzs.append(_scale_(torch.mm(dY, p.B), p.scaling) if p.lora and (need_A or need_dX)
-                   else None)
+        if with_dz[i]:
+            out = None
+            if dz_plain is not None and i in plain:
+                out = dz_plain[:, column:column + p.B.shape[1]]
+                column += p.B.shape[1]
+            dzs[i] = _scaled_mm(dY, p.B, p.scaling, out=out)
+    if plain and dz_plain is None:
+        dz_plain = dzs[plain[0]]
 
     # dA = dzᵀ·D(X); projections without dropout share one GEMM over X.
-    plain = [i for i, p in enumerate(projs) if dzs[i] is not None and p.keep is None]
     if any(needs[i][1] for i in plain):
         a_dtypes = {dtypes[_PER_PROJECTION * i + _A] for i in plain if needs[i][1]}
-        dA = _grad_mm(_stack([dzs[i] for i in plain], 1).t(), X,
-                      a_dtypes.pop() if len(a_dtypes) == 1 else X.dtype)
+        dA = _grad_mm(dz_plain.t(), X, a_dtypes.pop() if len(a_dtypes) == 1 else X.dtype)
         for i, part in zip(plain, dA.split([dzs[i].shape[1] for i in plain], dim=0)):
             if needs[i][1]:
                 grads[_PER_PROJECTION * i + _A] = part.to(dtypes[_PER_PROJECTION * i + _A])
@@ -329,8 +349,7 @@ def _projections_backward(X: torch.Tensor | None, projs: Sequence[_Projection],
     dX = None
     if need_dX:
         if plain:
-            dX = torch.mm(_stack([dzs[i] for i in plain], 1),
-                          _stack([projs[i].A for i in plain], 0))
+            dX = torch.mm(dz_plain, _stack([projs[i].A for i in plain], 0))
         for i in dropped:
             p = projs[i]
             term = _dropped(torch.mm(dzs[i], p.A), p.keep, p.dropout_p, inplace=True)
@@ -448,7 +467,7 @@ def _mlp_down_forward(X: torch.Tensor, e: torch.Tensor, g: torch.Tensor, activat
         sha_rows = None
         if down.lora:
             hd = _dropped(h, _rows(down.keep, rows), down.dropout_p)
-            sha_rows = _scale_(torch.mm(hd, down.A.t(), out=sha[rows]), down.scaling)
+            sha_rows = _scaled_mm(hd, down.A.t(), down.scaling, out=sha[rows])
             del hd
         _project(h, W, down.bias, sha_rows, down.B, out=Y[rows])
         del h  # freed before the next block's h is allocated: one block exists at a time
@@ -505,20 +524,20 @@ class LoraMLP(torch.autograd.Function):
             rebuild_sha = need_B and sha is None
             if rebuild_sha:
                 sha = dY.new_empty(dY.shape[0], down.A.shape[0])
-            dz = _scale_(torch.mm(dY, down.B), down.scaling) if down.lora else None
-            dA = (torch.zeros(down.A.shape, dtype=acc_dtype(dY.dtype), device=dY.device)
-                  if need_A else None)
+            dz = _scaled_mm(dY, down.B, down.scaling) if down.lora else None
+            dA = None  # summed over the row blocks in fp32
             W = _dense(down.weight, dY.dtype)
             for rows in _row_blocks(e.shape[0], e.shape[1]):
                 keep = _rows(down.keep, rows)
                 # h is recomputed and released before dh exists: one [rows, I] block at a time.
-                if dA is not None or rebuild_sha:
+                if need_A or rebuild_sha:
                     h = _dropped(ctx.activation.forward(e[rows], g[rows]), keep,
                                  down.dropout_p, inplace=True)
-                    if dA is not None:
-                        dA += _grad_mm(dz[rows].t(), h, dA.dtype)
+                    if need_A:
+                        part = _grad_mm(dz[rows].t(), h, acc_dtype(dY.dtype))
+                        dA = part if dA is None else dA.add_(part)
                     if rebuild_sha:
-                        _scale_(torch.mm(h, down.A.t(), out=sha[rows]), down.scaling)
+                        _scaled_mm(h, down.A.t(), down.scaling, out=sha[rows])
                     del h
                 if dz is None:
                     dh = torch.mm(dY[rows], W)
