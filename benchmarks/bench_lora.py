@@ -5,9 +5,11 @@ activations and adapters, r = 16, 8192 tokens, forward + backward.
 
     PYTHONPATH=<bitsandbytes bundle> python benchmarks/bench_lora.py [--tokens 8192] [--rank 16]
 
-Per block: median time of forward + backward (gradients of the inputs and of every lora_A and
-lora_B) and its ratio to PEFT; the time of the block's base GEMMs alone (cuBLAS on dense bf16
-weights, forward X·Wᵀ and backward dY·W: the floor neither path can go under); and the peak
+Per block: time of forward + backward (gradients of the inputs and of every lora_A and lora_B),
+the best of `--rounds` medians taken in turn with PEFT's (so that a slow spell of the host or the
+GPU does not land on one side only), and its ratio to PEFT; the time of the block's base GEMMs
+alone (cuBLAS on dense bf16 weights, forward X·Wᵀ and backward dY·W: the floor neither path can
+go under); and the peak
 activation memory, max_memory_allocated above what exists before the step (weights, adapters,
 inputs, output gradients), the dequantization buffer included. The block's outputs end the graph
 without being kept (as in a model, where the next op consumes them). O takes its own input, in
@@ -183,6 +185,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_lora needs a CUDA GPU", file=sys.stderr)
@@ -195,13 +198,15 @@ def main() -> int:
     rows, records = [], []
     for build in (_mlp_block, _attention_block):
         block = build(mods, args.tokens, args.rank)
-        ours_ms = time_cuda_ms(block["ours"], reps=args.reps)
-        peft_ms = time_cuda_ms(block["peft"], reps=args.reps)
-        floor_ms = time_cuda_ms(block["gemms"], reps=args.reps)
+        rounds = {name: [] for name in ("ours", "peft", "gemms")}
+        for _ in range(args.rounds):
+            for name, times in rounds.items():
+                times.append(time_cuda_ms(block[name], reps=args.reps))
+        ours_ms, peft_ms, floor_ms = (min(rounds[name]) for name in ("ours", "peft", "gemms"))
         ours_peak = _peak_bytes(block["ours"], lora.clear_dequant_buffers)
         peft_peak = _peak_bytes(block["peft"], lambda: None)
         record = dict(block=block["block"], tokens=args.tokens, rank=args.rank,
-                      ours_ms=ours_ms, peft_ms=peft_ms, speedup=peft_ms / ours_ms,
+                      rounds_ms=rounds, ours_ms=ours_ms, peft_ms=peft_ms, speedup=peft_ms / ours_ms,
                       gemm_floor_ms=floor_ms, floor_share=floor_ms / ours_ms,
                       ours_peak_mb=ours_peak / 1e6, peft_peak_mb=peft_peak / 1e6,
                       memory_ratio=ours_peak / peft_peak, output_rel_diff=block["rel_diff"])
@@ -220,8 +225,8 @@ def main() -> int:
                             "output rel. diff"], rows)
     table += (f"\n\nLlama-3-8B shapes, {args.tokens} tokens, bf16, NF4 base weights, r = "
               f"{args.rank}; forward + backward. Targets: speedup >= {SPEEDUP_TARGET}x, memory "
-              f"<= {MEMORY_TARGET}x. GEMM floor: the block's base GEMMs alone on dense bf16 "
-              "weights (cuBLAS), same run.")
+              f"<= {MEMORY_TARGET}x. Times: best of {args.rounds} medians taken in turn. GEMM "
+              "floor: the block's base GEMMs alone on dense bf16 weights (cuBLAS), same run.")
     path = write_results("lora", {"environment": environment(), "results": records}, table)
     print(f"results: {path}")
     print(table)
