@@ -9,9 +9,9 @@ layer, nothing but what the running layer needs.
 While the backward recomputes a layer, `recomputing(module)` is True for the module the
 checkpointed function calls: its output then only carries the gradient, so a forward may skip
 computing values nobody reads (the patched Llama layer skips its MLP's down projection).
-`checkpoint_memo()` is a dict that a checkpoint's forward and its recompute share: what a
-function derives there from the parameters alone (the LoRA Functions' compute-dtype copies of
-the adapters) is made once per layer and step.
+`checkpoint_memo()` is a dict that a checkpoint's forward and its recompute share, and
+`memoized(key, make)` reads it: what a function derives there from the parameters alone (the
+LoRA Functions' compute-dtype copies of the adapters) is made once per layer and step.
 
 Pinned host memory comes from a bounded pool (`configure_offload(pool_bytes=...)` or
 `UNSLOTH_EXT_OFFLOAD_POOL_GB`, default 16 GiB): when it is exhausted the input stays on the
@@ -51,6 +51,17 @@ def checkpoint_memo() -> dict | None:
     (the optimizer steps after it). Keys should name their owner, e.g. ("adapters", ...). The
     dict is dropped once the checkpoint's backward is done."""
     return _MEMO.get()
+
+
+def memoized(key, make: Callable):
+    """make(), computed once per offloaded checkpoint call and reused by its recompute (kept in
+    `checkpoint_memo()` under key); outside an offloaded checkpoint, make() at every call."""
+    memo = _MEMO.get()
+    if memo is None:
+        return make()
+    if key not in memo:
+        memo[key] = make()
+    return memo[key]
 
 
 def recomputing(module) -> bool:

@@ -27,7 +27,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from unsloth_ext.checkpointing import checkpoint_memo
+from unsloth_ext.checkpointing import memoized
 from unsloth_ext.nf4 import NF4Weight
 from unsloth_ext.ops._library import acc_dtype, check_float, check_nonempty
 from unsloth_ext.ops.glu import geglu, geglu_backward_, swiglu, swiglu_backward_
@@ -189,17 +189,13 @@ def _adapter_copies(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[tor
     """The adapter tensors (a Function's A's, then its B's) in `dtype`: views, in that order, of
     one new 1-D buffer made in two launches whatever their number (concatenate, convert), so that
     consecutive A's stack into one matrix as a view (`_stack`). Inside an offloaded checkpoint the
-    recompute reuses the forward's copies (`checkpoint_memo`)."""
-    memo = checkpoint_memo()
-    key = ("lora adapter copies", dtype, *map(id, tensors))
-    if memo is not None and key in memo:
-        return memo[key]
-    flat = torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
-    copies = [piece.view(t.shape)
-              for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
-    if memo is not None:
-        memo[key] = copies
-    return copies
+    recompute reuses the forward's copies (`checkpointing.memoized`)."""
+    def make():
+        flat = torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
+        return [piece.view(t.shape)
+                for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+    return memoized(("lora adapter copies", dtype, *map(id, tensors)), make)
 
 
 def _projections(statics: Sequence[_Static], tensors: Sequence, dtype: torch.dtype

@@ -146,6 +146,7 @@ def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Te
 
 
 def check_dequantize_out(out: torch.Tensor, device: torch.device) -> None:
+    """out is on the weight's device and contiguous (the kernel writes it as one array)."""
     if out.device != device:
         raise ValueError(f"out is on {out.device} but packed is on {device}")
     if not out.is_contiguous():

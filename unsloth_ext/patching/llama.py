@@ -32,18 +32,15 @@ def _parts(module: torch.nn.Module):
     checkpoint's recompute reuses those its forward read."""
     from peft.tuners.lora import LoraLayer
 
-    from unsloth_ext.checkpointing import checkpoint_memo
+    from unsloth_ext.checkpointing import memoized
     from unsloth_ext.lora import LoraParts, base_weight, lora_parts
 
-    memo = checkpoint_memo()
-    key = ("lora parts", id(module))
-    if memo is not None and key in memo:
-        return memo[key]
-    parts = lora_parts(module) if isinstance(module, LoraLayer) else LoraParts(
-        base_weight(module), module.bias)
-    if memo is not None:
-        memo[key] = parts
-    return parts
+    def read():
+        if isinstance(module, LoraLayer):
+            return lora_parts(module)
+        return LoraParts(base_weight(module), module.bias)
+
+    return memoized(("lora parts", id(module)), read)
 
 
 def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
