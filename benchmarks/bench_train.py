@@ -3,10 +3,13 @@ unsloth_ext, on the same random-initialized model saved locally, in the same inv
 
     python benchmarks/bench_train.py --preset llama-3.1-8b [--seq 2048 --batch 4 --steps 5]
 
-One identical loop for both: forward with labels, backward, AdamW step. Stock uses SDPA and
-gradient checkpointing (torch.utils.checkpoint); unsloth_ext uses FastLanguageModel with its
-"unsloth" (offloaded) checkpointing. NF4 + double quantization, LoRA r=16 on the 7 projections,
-bf16 compute. Each mode runs in a process of its own. Reports tokens/s, s/step, peak allocated
+One identical loop for every mode: forward with labels, backward, AdamW step. Two stock modes,
+both with SDPA and gradient checkpointing (torch.utils.checkpoint): "stock" keeps the model's
+unquantized parts (norms, embeddings, lm_head) in bf16; "stock_kbit" first runs PEFT's
+prepare_model_for_kbit_training, the usual QLoRA recipe, which casts them to fp32 (so the
+residual stream and the logits are fp32). unsloth_ext uses FastLanguageModel with its "unsloth"
+(offloaded) checkpointing. NF4 + double quantization, LoRA r=16 on the 7 projections, bf16
+compute. Each mode runs in a process of its own. Reports tokens/s, s/step, peak allocated
 memory and what the loaded model holds, and how busy one more step keeps the GPU (Torch
 profiler: the kernels and copies it runs on the GPU, the time at least one of them runs, and
 that step's span from the first to the last); results go to
@@ -16,6 +19,7 @@ benchmarks/results/train_<gpu>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing
 import sys
 import tempfile
@@ -54,16 +58,19 @@ def save_random_model(preset: str, path: Path) -> None:
     torch.cuda.empty_cache()
 
 
-def stock_model(path: Path):
-    from peft import LoraConfig, get_peft_model
+def stock_model(path: Path, kbit_recipe: bool = False):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
                                                  device_map="cuda", attn_implementation="sdpa")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
+    if kbit_recipe:
+        model = prepare_model_for_kbit_training(model)  # fp32 norms, embeddings, lm_head
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model.config.use_cache = False
     torch.manual_seed(3407)
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
@@ -140,7 +147,9 @@ def run_isolated(*args) -> dict:
         return pool.apply(run, args)
 
 
-BUILDERS = {"stock": stock_model, "unsloth_ext": unsloth_ext_model}
+BUILDERS = {"stock": stock_model, "stock_kbit": functools.partial(stock_model, kbit_recipe=True),
+            "unsloth_ext": unsloth_ext_model}
+BASELINES = ("stock", "stock_kbit")
 
 
 def main() -> int:
@@ -150,7 +159,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--modes", default="stock,unsloth_ext",
+    parser.add_argument("--modes", default="stock,stock_kbit,unsloth_ext",
                         help=f"comma-separated, from {', '.join(BUILDERS)}")
     parser.add_argument("--model-dir", help="reuse a saved model directory")
     args = parser.parse_args()
@@ -172,16 +181,17 @@ def main() -> int:
                                          args.warmup)
             print(mode, {k: v for k, v in results[mode].items() if k != "losses"}, flush=True)
     rows = []
-    stock = results.get("stock")
+    baselines = [b for b in BASELINES if b in results]
     for mode, r in results.items():
-        speedup = f"{r['tokens_per_s'] / stock['tokens_per_s']:.2f}x" if stock else "-"
+        speedups = [f"{r['tokens_per_s'] / results[b]['tokens_per_s']:.2f}x" for b in baselines]
         busy = r["profiled_step"]
         rows.append([mode, f"{r['s_per_step']:.3f}", f"{r['tokens_per_s']:,.0f}",
                      f"{r['peak_gib']:.2f}", f"{r['first_step_peak_gib']:.2f}",
-                     f"{r['model_gib']:.2f}", speedup, f"{busy['gpu_ops']:,}",
+                     f"{r['model_gib']:.2f}", *speedups, f"{busy['gpu_ops']:,}",
                      f"{busy['busy_ms']:.0f} / {busy['span_ms']:.0f}"])
     table = markdown_table(["mode", "s/step", "tokens/s", "peak GiB (timed steps)",
-                            "peak GiB (first step)", "model GiB", "vs stock", "GPU ops / step",
+                            "peak GiB (first step)", "model GiB",
+                            *(f"vs {b}" for b in baselines), "GPU ops / step",
                             "profiled step: GPU busy / span, ms"], rows)
     table = (f"{args.preset}, seq {args.seq}, batch {args.batch}, {args.steps} timed steps after "
              f"{args.warmup} warm-up, QLoRA NF4 + double quant, r=16 on 7 projections, bf16\n\n"

@@ -13,7 +13,9 @@ import tempfile
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-MODES = {"stock": ("stock transformers + PEFT", "#9e9e9e"), "unsloth_ext": ("unsloth_ext", "#d9480f")}
+MODES = {"stock": ("stock transformers + PEFT", "#9e9e9e"),
+         "stock_kbit": ("stock, prepare_model_for_kbit_training", "#616161"),
+         "unsloth_ext": ("unsloth_ext", "#d9480f")}
 
 
 def load(gpu: str) -> dict[str, dict]:
@@ -31,14 +33,16 @@ def plot(runs: dict[str, dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     presets = list(runs)
+    modes = [m for m in MODES if all(m in runs[p]["results"] for p in presets)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     panels = [("tokens_per_s", "tokens / s (higher is better)"),
               ("peak_gib", "peak allocated GiB (lower is better)")]
-    width = 0.38
+    width = 0.8 / len(modes)
     for ax, (key, title) in zip(axes, panels):
-        for i, (mode, (label, color)) in enumerate(MODES.items()):
+        for i, mode in enumerate(modes):
+            label, color = MODES[mode]
             values = [runs[p]["results"][mode][key] for p in presets]
-            xs = [j + (i - 0.5) * width for j in range(len(presets))]
+            xs = [j + (i - (len(modes) - 1) / 2) * width for j in range(len(presets))]
             bars = ax.bar(xs, values, width, label=label, color=color)
             ax.bar_label(bars, fmt="{:,.0f}" if key == "tokens_per_s" else "{:.1f}", fontsize=8)
         ax.set_xticks(range(len(presets)), presets)

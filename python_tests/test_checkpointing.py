@@ -84,11 +84,40 @@ def test_memo_is_shared_by_the_forward_and_its_recompute_only():
     assert checkpointing.checkpoint_memo() is None
 
 
+def test_stash_keeps_nothing_on_cpu_or_outside_an_offloaded_checkpoint():
+    seen = []
+
+    def function(x):
+        y = x * 2
+        seen.append((checkpointing.stash("y", y), checkpointing.stashed("y")))
+        return y + 1
+
+    assert not checkpointing.stash("y", torch.ones(2)) and checkpointing.stashed("y") is None
+    offloaded_checkpoint(function, torch.randn(3, requires_grad=True)).sum().backward()
+    assert seen == [(False, None), (False, None)]  # forward, recompute: both compute y
+
+
+@pytest.mark.parametrize("stash", [-1, 0, "sometimes", True])
+def test_stash_setting_is_auto_off_or_a_positive_integer(stash):
+    with pytest.raises(ValueError, match="expected 'auto', 'off' or a positive integer"):
+        checkpointing.configure_offload(stash=stash)
+
+
+def test_configure_offload_returns_the_settings_it_replaced():
+    before = checkpointing.configure_offload(stash=3)
+    try:
+        assert checkpointing.configure_offload(stash="off")["stash"] == 3
+        assert checkpointing.configure_offload()["stash"] == "off"
+    finally:
+        checkpointing.configure_offload(**before)
+
+
 def test_pool_is_bounded_and_reused():
     pool = PinnedPool(capacity=3 * 1024, allocate=lambda n: torch.empty(n, dtype=torch.uint8))
     first = pool.acquire(1024)
     assert pool.acquire(1024) is not None and pool.acquire(1024) is not None
     assert pool.acquire(1024) is None  # at the bound
+    assert pool.acquire(1024, bound=8 * 1024) is None  # a bound never raises the capacity
     pool.release(first)
     assert pool.acquire(1024) is first  # reused, not grown
     assert pool.allocated == 3 * 1024
@@ -119,3 +148,83 @@ def test_exhausted_pool_keeps_inputs_on_the_gpu():
         assert checkpointing.offload_pool().allocated <= 4 * 16 * 4
     finally:
         checkpointing.configure_offload(capacity)
+
+
+class Noisy(torch.nn.Module):
+    """x * noise: the noise (no gradient flows through it) is stashed by the forward; records what
+    each run drew or got back."""
+
+    def __init__(self):
+        super().__init__()
+        self.runs = []  # (stashed by this run, got back from the stash, noise)
+
+    def forward(self, x):
+        kept = checkpointing.stashed("noise")
+        restored = kept is not None
+        noise = kept[0] if restored else torch.randn_like(x)
+        self.runs.append((not restored and checkpointing.stash("noise", noise), restored,
+                          noise.clone()))
+        return x * noise
+
+
+def _noisy_run(blocks: int, **settings):
+    before = checkpointing.configure_offload(**settings)
+    try:
+        modules = [Noisy() for _ in range(blocks)]
+        x = torch.randn(64, 32, device="cuda", requires_grad=True)
+        h = x
+        for module in modules:
+            h = offloaded_checkpoint(module, h)
+        h.sum().backward()
+        return modules, x.grad, checkpointing.offload_pool().allocated
+    finally:
+        checkpointing.configure_offload(**before)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("stash", ["off", 1, 2, "auto"])
+def test_recompute_gets_back_what_the_forward_stashed(stash):
+    modules, grad, _ = _noisy_run(4, stash=stash)
+    for i, module in enumerate(modules):
+        (stashed, _, drawn), (stashed_again, restored, used) = module.runs
+        if stash == "auto":  # nothing before the link and the layers are measured
+            assert not stashed
+        else:
+            assert stashed == (stash != "off" and i % stash == 0)
+        assert not stashed_again
+        assert restored == stashed
+        assert torch.equal(used, drawn)  # stashed or redrawn from the replayed RNG state
+    expected = torch.ones_like(grad)
+    for module in reversed(modules):  # the backward's order of products
+        expected = expected * module.runs[0][2]
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_stashes_leave_half_the_pool_to_layer_inputs():
+    # Room for six [64, 32] fp32 tensors: a stash may not take the pool past three, so the first
+    # two blocks stash (each followed by its input) and all four inputs are offloaded.
+    nbytes = 64 * 32 * 4
+    modules, _, allocated = _noisy_run(4, stash=1, pool_bytes=6 * nbytes)
+    assert [m.runs[0][0] for m in modules] == [True, True, False, False]
+    assert allocated == 6 * nbytes
+
+
+@pytest.mark.cuda
+def test_recompute_that_asks_for_another_stash_is_an_error():
+    names = iter(["first", "second"])
+
+    def function(x):
+        name = next(names)
+        if checkpointing.stashed(name) is None:
+            checkpointing.stash(name, x * 2)
+        return x * 3
+
+    before = checkpointing.configure_offload(stash=1)
+    try:
+        y = offloaded_checkpoint(function, torch.randn(8, device="cuda", requires_grad=True))
+        with pytest.raises(RuntimeError, match="asked for stash 'second' where its forward "
+                                               "stashed 'first'"):
+            y.sum().backward()
+    finally:
+        checkpointing.configure_offload(**before)

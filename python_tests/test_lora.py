@@ -15,7 +15,7 @@ from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from helpers import poison_cuda_allocator, rel_error
-from unsloth_ext import lora
+from unsloth_ext import checkpointing, lora
 from unsloth_ext.checkpointing import offloaded_checkpoint
 from unsloth_ext.lora import (LoraParts, base_weight, clear_dequant_buffers, dropout_keep_mask,
                               lora_linear, lora_mlp, lora_parts, lora_qkv, matmul_lora)
@@ -298,6 +298,53 @@ def test_fp32_adapters_are_copied_once_per_checkpointed_call(monkeypatch):
     checkpointed = run(True)
     assert len(copies) == 3 and copies[2] is copies[1]  # forward, then the recompute's reuse
     for got, want in zip(checkpointed, plain):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_offloaded_mlp_recompute_takes_gate_and_up_from_the_stash(monkeypatch):
+    # Inside an offloaded checkpoint the MLP's forward stashes e and g; the recompute runs no
+    # gate or up GEMM, and every gradient is bitwise that of recomputing them.
+    torch.manual_seed(0)
+    hidden, inter = 128, 320
+
+    def t(*shape, grad=True):
+        return (torch.randn(*shape, device="cuda") / 8).to(torch.bfloat16).requires_grad_(grad)
+
+    X = t(3, 5, hidden)
+    Wg, Wu, Wd = (quantize_nf4(t(*shape, grad=False))
+                  for shape in ((inter, hidden), (inter, hidden), (hidden, inter)))
+    adapters = [t(4, hidden), t(inter, 4), t(8, hidden), t(inter, 8), t(4, inter), t(hidden, 4)]
+    widths = []  # out features of each base GEMM run
+    real = lora._project
+
+    def spy(X, W, *args, **kwargs):
+        widths.append(W.shape[0])
+        return real(X, W, *args, **kwargs)
+
+    monkeypatch.setattr(lora, "_project", spy)
+
+    def mlp(x):
+        ag, bg, au, bu, ad, bd = adapters
+        return lora_mlp(x, LoraParts(Wg, None, ag, bg, 0.5), LoraParts(Wu, None, au, bu, 1.5),
+                        LoraParts(Wd, None, ad, bd, 2.0))
+
+    def grads(stash):
+        before = checkpointing.configure_offload(stash=stash)
+        try:
+            widths.clear()
+            for p in (X, *adapters):
+                p.grad = None
+            offloaded_checkpoint(mlp, X).float().square().sum().backward()
+            return [p.grad for p in (X, *adapters)]
+        finally:
+            checkpointing.configure_offload(**before)
+
+    recomputed = grads("off")
+    assert widths == [inter, inter, hidden] * 2  # forward, recompute
+    from_stash = grads(1)
+    assert widths == [inter, inter, hidden, hidden]
+    for got, want in zip(from_stash, recomputed):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 

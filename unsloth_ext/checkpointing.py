@@ -13,16 +13,30 @@ computing values nobody reads (the patched Llama layer skips its MLP's down proj
 `memoized(key, make)` reads it: what a function derives there from the parameters alone (the
 LoRA Functions' compute-dtype copies of the adapters) is made once per layer and step.
 
+A checkpointed function may also `stash(name, *tensors)` activations in its forward: they go to
+pinned host memory behind the layer input and come back with it, and the recompute reads them
+with `stashed(name)` instead of computing them again (the patched Llama MLP stashes its gate and
+up outputs, so the recompute skips their GEMMs). Stashing is paid in host-link traffic, and before
+a stash copy starts the compute stream waits for the one before it to finish (at most one stash
+is in flight, whatever the link's speed). Which calls stash is set by
+`configure_offload(stash=...)` or `UNSLOTH_EXT_STASH`: "auto" (default) stashes at a call when
+the link, at the speed measured on earlier copies, moves the stash and the layer inputs offloaded
+since the previous stash within the compute measured for those layers, in the forward and in the
+backward, so the wait costs nothing; an integer n stashes at every n-th call; "off" never.
+
 Pinned host memory comes from a bounded pool (`configure_offload(pool_bytes=...)` or
 `UNSLOTH_EXT_OFFLOAD_POOL_GB`, default 16 GiB): when it is exhausted the input stays on the
 device for that layer (plain recompute), with one warning; the pool never grows past its bound.
+A stash never takes the pool past half its bound: the rest stays for layer inputs.
 """
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import functools
 import os
+import statistics
 import threading
 import warnings
 import weakref
@@ -33,7 +47,18 @@ import torch
 
 from unsloth_ext._extension import UnslothExtWarning
 
-_DEFAULT_POOL_BYTES = int(float(os.environ.get("UNSLOTH_EXT_OFFLOAD_POOL_GB", "16")) * 2**30)
+
+def _env_setting(name: str, default: str, parse: Callable):
+    """parse(the environment variable `name`); parse(default), with a warning, when it is not
+    valid (import never fails on a setting)."""
+    value = os.environ.get(name, default)
+    try:
+        return parse(value)
+    except ValueError:
+        warnings.warn(f"unsloth_ext: {name}={value!r} is not valid; using {default!r}",
+                      UnslothExtWarning, stacklevel=2)
+        return parse(default)
+
 
 # The function an offloaded checkpoint's backward is recomputing, while it runs.
 _RECOMPUTING: contextvars.ContextVar = contextvars.ContextVar("unsloth_ext_recomputing",
@@ -42,6 +67,11 @@ _RECOMPUTING: contextvars.ContextVar = contextvars.ContextVar("unsloth_ext_recom
 
 # The memo of the offloaded checkpoint whose forward or recompute is running.
 _MEMO: contextvars.ContextVar = contextvars.ContextVar("unsloth_ext_checkpoint_memo", default=None)
+
+# The slot of the offloaded checkpoint whose forward is running (stash() adds to it), and the
+# stashes its recompute has not read yet (stashed() takes them in order).
+_STASHING: contextvars.ContextVar = contextvars.ContextVar("unsloth_ext_stashing", default=None)
+_RESTORED: contextvars.ContextVar = contextvars.ContextVar("unsloth_ext_restored", default=None)
 
 
 def checkpoint_memo() -> dict | None:
@@ -91,13 +121,14 @@ class PinnedPool:
         self._free: dict[int, list[torch.Tensor]] = {}
         self._lock = threading.Lock()
 
-    def acquire(self, nbytes: int) -> torch.Tensor | None:
-        """A uint8 pinned buffer of exactly nbytes, or None when the pool is at its bound."""
+    def acquire(self, nbytes: int, bound: int | None = None) -> torch.Tensor | None:
+        """A uint8 pinned buffer of exactly nbytes, or None when a new one would take the pool
+        past `bound` bytes (default: its capacity)."""
         with self._lock:
             free = self._free.get(nbytes)
             if free:
                 return free.pop()
-            if self.allocated + nbytes > self.capacity:
+            if self.allocated + nbytes > (self.capacity if bound is None else min(bound, self.capacity)):
                 return None
             self.allocated += nbytes
         return self._allocate(nbytes)
@@ -116,19 +147,119 @@ class PinnedPool:
 
 @dataclass(eq=False)
 class _Slot:
-    """One offloaded layer input."""
-    device_tensor: torch.Tensor | None  # set when kept on the device (CPU, or pool exhausted)
-    host: torch.Tensor | None = None
-    copied: torch.cuda.Event | None = None
-    prefetched: torch.Tensor | None = None
-    prefetch_done: torch.cuda.Event | None = None
+    """What one offloaded checkpoint keeps for its backward: the activations its forward stashed,
+    then its layer input, in pinned host memory (the input stays on the device on CPU or when the
+    pool is full)."""
     previous: "_Slot | None" = field(default=None, repr=False)  # offloaded just before this one
+    device_tensor: torch.Tensor | None = None  # the input, when kept on the device
+    host: list[torch.Tensor] = field(default_factory=list)  # stashed tensors, then the input
+    stashes: list[tuple[str, int]] = field(default_factory=list)  # per stash() call: name, count
+    copied: torch.cuda.Event | None = None  # after the last copy to the host
+    prefetched: list[torch.Tensor] | None = None
+    prefetch_done: torch.cuda.Event | None = None
     consumed: bool = False
 
 
+def _stash_setting(stash) -> int | None:
+    """"auto" -> None, "off" -> 0, n -> n (every n-th call)."""
+    if stash == "auto":
+        return None
+    if stash == "off":
+        return 0
+    try:
+        every = int(stash)
+    except (TypeError, ValueError):
+        every = 0
+    if every < 1 or isinstance(stash, bool):
+        raise ValueError(f"stash is {stash!r}; expected 'auto', 'off' or a positive integer")
+    return every
+
+
+def _timed_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(stream)
+    return event
+
+
+class _StashPlanner:
+    """Which stash() calls stash: every n-th (n = `every`), none (0) or, with `every` None, those
+    that the host link can serve without making the compute wait, in the forward (the copy to
+    the host) and in the backward (the copy back, started one layer ahead). Link speed (ms per
+    byte, from the offload copies) and the compute per layer (ms between stash() calls in the
+    forward, between fetches in the backward, waits left out) are medians of recent samples,
+    read from timing events once the GPU has passed them; until there are some (the first
+    step), nothing is stashed."""
+
+    _SAMPLES = 16
+
+    def __init__(self, every: int | None):
+        self.every = every
+        self.reset()
+
+    def reset(self) -> None:
+        self.since = 0  # stash() calls since the last that stashed
+        self._link: collections.deque = collections.deque(maxlen=self._SAMPLES)
+        self._forward: collections.deque = collections.deque(maxlen=self._SAMPLES)
+        self._backward: collections.deque = collections.deque(maxlen=self._SAMPLES)
+        self._input_bytes = 0  # the latest layer input copied to the host
+        self._pending: collections.deque = collections.deque()  # (samples, start, end, bytes)
+        self._mark: torch.cuda.Event | None = None  # the compute stream at the previous call
+        self._fetch_mark: torch.cuda.Event | None = None  # ... at the previous fetch
+        self.copied: torch.cuda.Event | None = None  # the end of the previous stash's copy
+
+    def copy(self, start: torch.cuda.Event, end: torch.cuda.Event, nbytes: int, input: bool):
+        self._read()
+        self._pending.append((self._link, start, end, nbytes))
+        if input:
+            self._input_bytes = nbytes
+
+    def _read(self) -> None:
+        while self._pending and self._pending[0][2].query():
+            samples, start, end, nbytes = self._pending.popleft()
+            samples.append(start.elapsed_time(end) / nbytes)
+
+    def due(self, stream: torch.cuda.Stream, nbytes: int) -> bool:
+        """Whether the call now made on `stream`, for a stash of nbytes, stashes (with every n,
+        the first call after a reset does)."""
+        self._read()
+        self.since += 1
+        mark = _timed_event(stream)
+        if self._mark is not None:
+            self._pending.append((self._forward, self._mark, mark, 1))
+        self._mark = mark
+        if self.every is not None:
+            return self.every > 0 and (self.copied is None or self.since >= self.every)
+        if not (self._link and self._forward and self._backward):
+            return False
+        ms_per_byte = statistics.median(self._link)
+        # Forward: this stash's copy and the inputs offloaded since the previous stash, within
+        # the compute of those layers. Backward: the stash and its layer's input come back
+        # while the layer after it runs its backward.
+        forward = (nbytes + self.since * self._input_bytes) * ms_per_byte
+        backward = (nbytes + self._input_bytes) * ms_per_byte
+        return (forward <= self.since * statistics.median(self._forward)
+                and backward <= statistics.median(self._backward))
+
+    def fetching(self, stream: torch.cuda.Stream) -> None:
+        """The backward is about to wait on `stream` for a layer's offloaded tensors."""
+        if self._fetch_mark is not None:
+            self._pending.append((self._backward, self._fetch_mark, _timed_event(stream), 1))
+
+    def fetched(self, stream: torch.cuda.Stream) -> None:
+        """... and has them: that layer's recompute and backward start."""
+        self._fetch_mark = _timed_event(stream)
+
+    def stashed(self, stream: torch.cuda.Stream, copied: torch.cuda.Event) -> None:
+        """A stash was queued; the compute stream may have waited for the one before it."""
+        self.since = 0
+        self.copied = copied
+        self._mark = _timed_event(stream)  # the next layer's compute starts after the wait
+
+
 class _Offloader:
-    def __init__(self, pool_bytes: int):
+    def __init__(self, pool_bytes: int, stash_every: int | None):
         self.pool = PinnedPool(pool_bytes)
+        self.planner = _StashPlanner(stash_every)
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._last: _Slot | None = None
         self._warned = False
@@ -138,72 +269,149 @@ class _Offloader:
             self._streams[device] = torch.cuda.Stream(device)
         return self._streams[device]
 
-    def offload(self, tensor: torch.Tensor) -> _Slot:
+    def begin(self) -> _Slot:
+        """The slot of a checkpoint whose forward starts now."""
         previous = self._last if self._last is not None and not self._last.consumed else None
-        if not tensor.is_cuda:
-            slot = _Slot(device_tensor=tensor, previous=previous)
-            self._last = slot
-            return slot
-        nbytes = tensor.numel() * tensor.element_size()
-        buffer = self.pool.acquire(nbytes)
-        if buffer is None:
-            if not self._warned:
+        self._last = _Slot(previous=previous)
+        return self._last
+
+    def _to_host(self, slot: _Slot, tensors: list[torch.Tensor], buffers: list[torch.Tensor],
+                 input: bool) -> torch.cuda.Event:
+        """Copy CUDA tensors into pinned buffers on the side stream, after the work queued so far
+        on the current stream; the slot owns the buffers. Returns the event after the copies."""
+        device = tensors[0].device
+        stream = self._stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        start = _timed_event(stream)
+        with torch.cuda.stream(stream):
+            for tensor, buffer in zip(tensors, buffers):
+                host = buffer.view(tensor.dtype).view(tensor.shape)
+                host.copy_(tensor, non_blocking=True)
+                tensor.record_stream(stream)  # not reused by the allocator before the copy is done
+                slot.host.append(host)
+                weakref.finalize(slot, self.pool.release, buffer)
+        slot.copied = _timed_event(stream)
+        self.planner.copy(start, slot.copied, sum(b.numel() for b in buffers), input)
+        return slot.copied
+
+    def stash(self, slot: _Slot, name: str, tensors: tuple[torch.Tensor, ...]) -> bool:
+        if not tensors or not all(t.is_cuda for t in tensors):
+            return False
+        current = torch.cuda.current_stream(tensors[0].device)
+        sizes = [t.numel() * t.element_size() for t in tensors]
+        if not self.planner.due(current, sum(sizes)):
+            return False
+        buffers = []
+        for nbytes in sizes:
+            buffer = self.pool.acquire(nbytes, bound=self.pool.capacity // 2)
+            if buffer is None:
+                for b in buffers:
+                    self.pool.release(b)
+                return False
+            buffers.append(buffer)
+        if self.planner.copied is not None:
+            current.wait_event(self.planner.copied)  # at most one stash in flight
+        self.planner.stashed(current, self._to_host(slot, list(tensors), buffers, input=False))
+        slot.stashes.append((name, len(tensors)))
+        return True
+
+    def offload(self, slot: _Slot, tensor: torch.Tensor) -> None:
+        """The layer input, after the forward: to the host, or kept on the device."""
+        buffer = None
+        if tensor.is_cuda:
+            buffer = self.pool.acquire(tensor.numel() * tensor.element_size())
+            if buffer is None and not self._warned:
                 warnings.warn(f"unsloth_ext: the pinned offload pool ({self.pool.capacity / 2**30:.1f}"
                               " GiB) is full; further layer inputs stay on the GPU. Raise it with "
                               "configure_offload(pool_bytes=...).", UnslothExtWarning, stacklevel=4)
                 self._warned = True
-            slot = _Slot(device_tensor=tensor, previous=previous)
-            self._last = slot
-            return slot
-        stream = self._stream(tensor.device)
-        stream.wait_stream(torch.cuda.current_stream(tensor.device))
-        host = buffer.view(tensor.dtype).view(tensor.shape)
-        with torch.cuda.stream(stream):
-            host.copy_(tensor, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record(stream)
-        tensor.record_stream(stream)  # the allocator must not reuse it before the copy is done
-        slot = _Slot(device_tensor=None, host=host, copied=copied, previous=previous)
-        weakref.finalize(slot, self.pool.release, buffer)
-        self._last = slot
-        return slot
+        if buffer is None:
+            slot.device_tensor = tensor
+        else:
+            self._to_host(slot, [tensor], [buffer], input=True)
 
     def prefetch(self, slot: _Slot | None, device: torch.device) -> None:
-        """Start copying slot's input back to `device` on the side stream."""
-        if slot is None or slot.host is None or slot.prefetched is not None:
+        """Start copying slot's host tensors back to `device` on the side stream."""
+        if slot is None or not slot.host or slot.prefetched is not None:
             return
         stream = self._stream(device)
         with torch.cuda.stream(stream):
             stream.wait_event(slot.copied)
-            slot.prefetched = torch.empty(slot.host.shape, dtype=slot.host.dtype, device=device)
-            slot.prefetched.copy_(slot.host, non_blocking=True)
+            slot.prefetched = [torch.empty(h.shape, dtype=h.dtype, device=device).copy_(
+                h, non_blocking=True) for h in slot.host]
             slot.prefetch_done = torch.cuda.Event()
             slot.prefetch_done.record(stream)
 
-    def fetch(self, slot: _Slot, device: torch.device) -> torch.Tensor:
-        """The slot's input on `device`, ready for use on the current stream; starts bringing back
-        the input the backward needs next."""
+    def fetch(self, slot: _Slot, device: torch.device
+              ) -> tuple[torch.Tensor, list[tuple[str, tuple[torch.Tensor, ...]]]]:
+        """The slot's input and its stashes (name, tensors) on `device`, ready for use on the
+        current stream; starts bringing back what the backward needs next."""
         slot.consumed = True
         previous, slot.previous = slot.previous, None
-        if slot.device_tensor is not None:
-            return slot.device_tensor
-        self.prefetch(slot, device)
+        tensors: list[torch.Tensor] = []
+        if slot.host:
+            self.prefetch(slot, device)
+            current = torch.cuda.current_stream(device)
+            self.planner.fetching(current)
+            current.wait_event(slot.prefetch_done)
+            self.planner.fetched(current)
+            tensors, slot.prefetched = slot.prefetched, None
+            for tensor in tensors:
+                tensor.record_stream(current)
         self.prefetch(previous, device)
-        current = torch.cuda.current_stream(device)
-        current.wait_event(slot.prefetch_done)
-        tensor = slot.prefetched
-        tensor.record_stream(current)
-        slot.prefetched = None
-        return tensor
+        stashes, at = [], 0
+        for name, count in slot.stashes:
+            stashes.append((name, tuple(tensors[at:at + count])))
+            at += count
+        return (slot.device_tensor if slot.device_tensor is not None else tensors[-1]), stashes
 
 
-_OFFLOADER = _Offloader(_DEFAULT_POOL_BYTES)
+_OFFLOADER = _Offloader(
+    _env_setting("UNSLOTH_EXT_OFFLOAD_POOL_GB", "16", lambda gb: int(float(gb) * 2**30)),
+    _env_setting("UNSLOTH_EXT_STASH", "auto", _stash_setting))
 
 
-def configure_offload(pool_bytes: int) -> None:
-    """Bound the pinned host memory used for offloaded layer inputs (bytes)."""
-    _OFFLOADER.pool.shrink()
-    _OFFLOADER.pool.capacity = int(pool_bytes)
+def configure_offload(pool_bytes: int | None = None, stash=None) -> dict:
+    """Bound the pinned host memory used for offloaded layer inputs and stashes (bytes), and set
+    which stash() calls stash: "auto", "off", or n (every n-th call, counted from the next).
+    Returns the settings before the call, as keyword arguments that restore them."""
+    every = _OFFLOADER.planner.every if stash is None else _stash_setting(stash)
+    before = dict(pool_bytes=_OFFLOADER.pool.capacity,
+                  stash={None: "auto", 0: "off"}.get(_OFFLOADER.planner.every,
+                                                     _OFFLOADER.planner.every))
+    if pool_bytes is not None:
+        _OFFLOADER.pool.shrink()
+        _OFFLOADER.pool.capacity = int(pool_bytes)
+    if stash is not None:
+        _OFFLOADER.planner.every = every
+        _OFFLOADER.planner.reset()
+    return before
+
+
+def stash(name: str, *tensors: torch.Tensor) -> bool:
+    """In an offloaded checkpoint's forward: keep `tensors` (CUDA) in pinned host memory for the
+    recompute, which gets them back from `stashed(name)`. Returns whether they were stashed (not
+    outside such a forward, on CPU, at calls the stash setting skips, or when the pool has
+    no room): a function that stashes must compute the tensors itself when `stashed` gives None.
+    The tensors must not change after the call. They come back without autograd history: stash
+    what a custom autograd Function saves for its own backward (as the LoRA MLP does), or values
+    no gradient flows through."""
+    slot = _STASHING.get()
+    return slot is not None and _OFFLOADER.stash(slot, name, tensors)
+
+
+def stashed(name: str) -> tuple[torch.Tensor, ...] | None:
+    """In an offloaded checkpoint's recompute: the tensors the forward's matching stash(name)
+    call kept (on the device, the recompute's to modify), or None where it kept none. Calls match
+    in order: the recompute makes the same stash calls as the forward did."""
+    restored = _RESTORED.get()
+    if not restored:
+        return None
+    if restored[0][0] != name:
+        raise RuntimeError(f"unsloth_ext: the recompute asked for stash {name!r} where its forward "
+                           f"stashed {restored[0][0]!r}; the checkpointed function must make the "
+                           "same stash calls each time it runs")
+    return restored.pop(0)[1]
 
 
 def offload_pool() -> PinnedPool:
@@ -221,29 +429,34 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.autocast = (torch.is_autocast_enabled(hidden_states.device.type),
                         torch.get_autocast_dtype(hidden_states.device.type))
         ctx.memo = {}
-        token = _MEMO.set(ctx.memo)
+        ctx.slot = _OFFLOADER.begin()
+        tokens = _MEMO.set(ctx.memo), _STASHING.set(ctx.slot)
         try:
             with torch.no_grad():
                 output = function(hidden_states, *args)
         finally:
-            _MEMO.reset(token)
-        ctx.slot = _OFFLOADER.offload(hidden_states)
+            _STASHING.reset(tokens[1])
+            _MEMO.reset(tokens[0])
+        _OFFLOADER.offload(ctx.slot, hidden_states)
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        hidden_states = _OFFLOADER.fetch(ctx.slot, ctx.device).detach().requires_grad_(True)
+        hidden_states, stashes = _OFFLOADER.fetch(ctx.slot, ctx.device)
+        hidden_states = hidden_states.detach().requires_grad_(True)
         devices = [ctx.device] if ctx.rng_cuda is not None else []
         with torch.random.fork_rng(devices=devices, device_type=ctx.device.type):
             torch.set_rng_state(ctx.rng_cpu)
             if ctx.rng_cuda is not None:
                 torch.cuda.set_rng_state(ctx.rng_cuda, ctx.device)
-            tokens = _RECOMPUTING.set(ctx.function), _MEMO.set(ctx.memo)
+            tokens = (_RECOMPUTING.set(ctx.function), _MEMO.set(ctx.memo),
+                      _RESTORED.set(stashes))
             try:
                 with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=ctx.autocast[1],
                                                          enabled=ctx.autocast[0]):
                     output = ctx.function(hidden_states, *ctx.args)
             finally:
+                _RESTORED.reset(tokens[2])
                 _MEMO.reset(tokens[1])
                 _RECOMPUTING.reset(tokens[0])
         torch.autograd.backward(output, grad_output)

@@ -27,7 +27,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from unsloth_ext.checkpointing import memoized
+from unsloth_ext.checkpointing import memoized, stash, stashed
 from unsloth_ext.nf4 import NF4Weight
 from unsloth_ext.ops._library import acc_dtype, check_float, check_nonempty
 from unsloth_ext.ops.glu import geglu, geglu_backward_, swiglu, swiglu_backward_
@@ -470,6 +470,9 @@ def _mlp_down_forward(X: torch.Tensor, e: torch.Tensor, g: torch.Tensor, activat
     return Y, sha
 
 
+_STASH_NAME = "lora mlp: gate and up outputs"
+
+
 class LoraMLP(torch.autograd.Function):
     """`Y = down(act(gate(X)) · up(X))` with X `[T, H]`, each projection a LoRA projection.
 
@@ -484,15 +487,24 @@ class LoraMLP(torch.autograd.Function):
 
     compute_output False (the caller backpropagates through Y but never reads its values, as in
     a checkpointed layer's recompute): forward stops after e and g and returns zeros, and backward
-    computes down's s·D(h)·Aᵀ from the h it recomputes."""
+    computes down's s·D(h)·Aᵀ from the h it recomputes.
+
+    Inside an offloaded checkpoint the forward stashes e and g (`checkpointing.stash`), and the
+    recompute takes them back instead of running the gate and up GEMMs again."""
 
     @staticmethod
     def forward(ctx, X, statics, activation, compute_output, *tensors):
         with torch.autocast(X.device.type, enabled=False):
             gate, up, down = _projections(statics, tensors, X.dtype)
             sxa_g, sxa_u = _lora_down(X, (gate, up))
-            e = _project(X, _dense(gate.weight, X.dtype), gate.bias, sxa_g, gate.B)
-            g = _project(X, _dense(up.weight, X.dtype), up.bias, sxa_u, up.B)
+            # An offloaded checkpoint's recompute gets e and g back from its forward's stash.
+            restored = stashed(_STASH_NAME)
+            if restored is None:
+                e = _project(X, _dense(gate.weight, X.dtype), gate.bias, sxa_g, gate.B)
+                g = _project(X, _dense(up.weight, X.dtype), up.bias, sxa_u, up.B)
+                stash(_STASH_NAME, e, g)
+            else:
+                e, g = restored
             if not compute_output:
                 Y, sha = X.new_zeros(X.shape[0], down.weight.shape[0]), None
             else:
