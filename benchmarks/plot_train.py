@@ -48,7 +48,7 @@ def plot(runs: dict[str, dict], out: Path) -> None:
         ax.set_xticks(range(len(presets)), presets)
         ax.set_title(title, fontsize=10)
         ax.spines[["top", "right"]].set_visible(False)
-    axes[0].legend(fontsize=8, frameon=False)
+    axes[0].legend(fontsize=8, frameon=False, loc="upper right")
     first = next(iter(runs.values()))
     env, args = first["environment"], first["args"]
     fig.suptitle(f"QLoRA training step, seq {args['seq']} x batch {args['batch']}, "
