@@ -128,7 +128,8 @@ class PinnedPool:
             free = self._free.get(nbytes)
             if free:
                 return free.pop()
-            if self.allocated + nbytes > (self.capacity if bound is None else min(bound, self.capacity)):
+            limit = self.capacity if bound is None else min(bound, self.capacity)
+            if self.allocated + nbytes > limit:
                 return None
             self.allocated += nbytes
         return self._allocate(nbytes)
