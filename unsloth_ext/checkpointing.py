@@ -376,16 +376,16 @@ def configure_offload(pool_bytes: int | None = None, stash=None) -> dict:
     """Bound the pinned host memory used for offloaded layer inputs and stashes (bytes), and set
     which stash() calls stash: "auto", "off", or n (every n-th call, counted from the next).
     Returns the settings before the call, as keyword arguments that restore them."""
-    every = _OFFLOADER.planner.every if stash is None else _stash_setting(stash)
+    planner = _OFFLOADER.planner
+    every = planner.every if stash is None else _stash_setting(stash)
     before = dict(pool_bytes=_OFFLOADER.pool.capacity,
-                  stash={None: "auto", 0: "off"}.get(_OFFLOADER.planner.every,
-                                                     _OFFLOADER.planner.every))
+                  stash={None: "auto", 0: "off"}.get(planner.every, planner.every))
     if pool_bytes is not None:
         _OFFLOADER.pool.shrink()
         _OFFLOADER.pool.capacity = int(pool_bytes)
     if stash is not None:
-        _OFFLOADER.planner.every = every
-        _OFFLOADER.planner.reset()
+        planner.every = every
+        planner.reset()
     return before
 
 
