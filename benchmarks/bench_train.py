@@ -10,9 +10,12 @@ prepare_model_for_kbit_training, the usual QLoRA recipe, which casts them to fp3
 residual stream and the logits are fp32). unsloth_ext uses FastLanguageModel with its "unsloth"
 (offloaded) checkpointing. NF4 + double quantization, LoRA r=16 on the 7 projections, bf16
 compute. Each mode runs in a process of its own. Reports tokens/s, s/step, peak allocated
-memory and what the loaded model holds, and how busy one more step keeps the GPU (Torch
-profiler: the kernels and copies it runs on the GPU, the time at least one of them runs, and
-that step's span from the first to the last); results go to
+memory and what the loaded model holds, how busy one more step keeps the GPU (Torch profiler:
+the kernels and copies it runs on the GPU, the time at least one of them runs, and that step's
+span from the first to the last), and the matrix products (cuBLAS) of one more: their GPU time
+and rate, against the rate cuBLAS sustains on this GPU, measured in the same invocation (one
+second of back-to-back [8192, 4096] x [4096, 14336] bf16 products, the MLP's shape: a GPU that
+holds its power limit runs long GEMM streams at lower clocks than short ones). Results go to
 benchmarks/results/train_<gpu>.{json,md}.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import multiprocessing
 import sys
 import tempfile
@@ -105,6 +109,53 @@ def gpu_busy(step) -> dict:
     return dict(gpu_ops=len(spans), busy_ms=busy / 1e3, span_ms=(end - spans[0][0]) / 1e3)
 
 
+# cuBLAS matrix products as the profiler names them, and where their two operands sit among
+# the recorded input shapes (`[..., M, K]` and `[..., K, N]`).
+_GEMM_OPERANDS = {"aten::mm": 0, "aten::bmm": 0, "aten::addmm": 1, "aten::addmm_": 1,
+                  "aten::baddbmm": 1}
+
+
+def gemm_time(step) -> dict:
+    """One call of `step` under the Torch profiler, with input shapes: the GPU time of its
+    matrix products (ms) and their work (TFLOP, 2·M·N·K each)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                 record_shapes=True) as prof:
+        step()
+        torch.cuda.synchronize()
+    us, flops = 0.0, 0
+    for event in prof.events():
+        first = _GEMM_OPERANDS.get(event.name)
+        if first is None or event.self_device_time_total <= 0:
+            continue
+        a, b = event.input_shapes[first:first + 2]
+        us += event.self_device_time_total
+        flops += 2 * math.prod(a) * b[-1]
+    return dict(ms=us / 1e3, tflop=flops / 1e12)
+
+
+def sustained_gemm_tflops(seconds: float = 1.0) -> float:
+    """The bf16 rate cuBLAS sustains on [8192, 4096] x [4096, 14336] products run back to back
+    for `seconds`, after as long a warm-up (TFLOP/s)."""
+    x = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(8192, 14336, device="cuda", dtype=torch.bfloat16)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def products(count: int) -> float:
+        start.record()
+        for _ in range(count):
+            torch.mm(x, w.t(), out=out)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    count = max(1, int(seconds / products(10) * 10))
+    products(count)  # warm-up: the clocks settle at the power limit
+    return 2 * 8192 * 4096 * 14336 * count / products(count) / 1e12
+
+
 def run(mode: str, path: Path, seq: int, batch: int, steps: int, warmup: int) -> dict:
     """The same loop for every mode. Peak allocated memory is reported for the first step (which
     also allocates the optimizer state and every lazily made buffer) and for the timed steps;
@@ -137,14 +188,16 @@ def run(mode: str, path: Path, seq: int, batch: int, steps: int, warmup: int) ->
     seconds = (time.perf_counter() - start) / steps
     return dict(s_per_step=seconds, tokens_per_s=batch * seq / seconds,
                 peak_gib=max(peaks[warmup:]), first_step_peak_gib=peaks[0], model_gib=model_gib,
-                losses=losses, profiled_step=gpu_busy(lambda: step(batches[-1])))
+                losses=losses, profiled_step=gpu_busy(lambda: step(batches[-1])),
+                gemms=gemm_time(lambda: step(batches[-1])))
 
 
-def run_isolated(*args) -> dict:
-    """`run` in a process of its own, so that no mode's memory (cached modules, allocator
-    state, anything a library keeps alive) is counted in another's peak."""
+def isolated(function, *args):
+    """function(*args) in a process of its own, so that no mode's memory (cached modules,
+    allocator state, anything a library keeps alive) is counted in another's peak."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(run, args)
+        return pool.apply(function, args)
+
 
 
 BUILDERS = {"stock": stock_model, "stock_kbit": functools.partial(stock_model, kbit_recipe=True),
@@ -175,28 +228,36 @@ def main() -> int:
         path = Path(args.model_dir) if args.model_dir else Path(tmp) / args.preset
         if not (path / "config.json").exists():
             save_random_model(args.preset, path)
+        ceiling = isolated(sustained_gemm_tflops)
+        print(f"cuBLAS sustained: {ceiling:.0f} TFLOP/s", flush=True)
         results = {}
         for mode in args.modes.split(","):
-            results[mode] = run_isolated(mode, path, args.seq, args.batch, args.steps,
-                                         args.warmup)
+            results[mode] = isolated(run, mode, path, args.seq, args.batch, args.steps,
+                                     args.warmup)
             print(mode, {k: v for k, v in results[mode].items() if k != "losses"}, flush=True)
     rows = []
     baselines = [b for b in BASELINES if b in results]
     for mode, r in results.items():
         speedups = [f"{r['tokens_per_s'] / results[b]['tokens_per_s']:.2f}x" for b in baselines]
-        busy = r["profiled_step"]
+        busy, gemms = r["profiled_step"], r["gemms"]
+        rate = gemms["tflop"] / gemms["ms"] * 1e3
         rows.append([mode, f"{r['s_per_step']:.3f}", f"{r['tokens_per_s']:,.0f}",
                      f"{r['peak_gib']:.2f}", f"{r['first_step_peak_gib']:.2f}",
                      f"{r['model_gib']:.2f}", *speedups, f"{busy['gpu_ops']:,}",
-                     f"{busy['busy_ms']:.0f} / {busy['span_ms']:.0f}"])
+                     f"{busy['busy_ms']:.0f} / {busy['span_ms']:.0f}",
+                     f"{gemms['ms']:.0f} ms, {gemms['tflop']:.0f} TFLOP, {rate:.0f} TFLOP/s "
+                     f"({rate / ceiling:.0%})"])
     table = markdown_table(["mode", "s/step", "tokens/s", "peak GiB (timed steps)",
                             "peak GiB (first step)", "model GiB",
                             *(f"vs {b}" for b in baselines), "GPU ops / step",
-                            "profiled step: GPU busy / span, ms"], rows)
+                            "profiled step: GPU busy / span, ms",
+                            "GEMMs of a step (% of sustained cuBLAS)"], rows)
     table = (f"{args.preset}, seq {args.seq}, batch {args.batch}, {args.steps} timed steps after "
-             f"{args.warmup} warm-up, QLoRA NF4 + double quant, r=16 on 7 projections, bf16\n\n"
-             + table)
+             f"{args.warmup} warm-up, QLoRA NF4 + double quant, r=16 on 7 projections, bf16. "
+             f"cuBLAS sustains {ceiling:.0f} TFLOP/s on this GPU (bf16, 1 s of back-to-back "
+             "[8192, 4096] x [4096, 14336] products, same invocation).\n\n" + table)
     path = write_results(f"train_{args.preset}", {"environment": environment(), "args": vars(args),
+                                                  "sustained_gemm_tflops": ceiling,
                                                   "results": results}, table)
     print(f"results: {path}")
     print(table)

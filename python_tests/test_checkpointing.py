@@ -84,6 +84,17 @@ def test_memo_is_shared_by_the_forward_and_its_recompute_only():
     assert checkpointing.checkpoint_memo() is None
 
 
+def test_gradient_sum_has_the_graph_of_the_sum():
+    a = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 4, dtype=torch.float32, requires_grad=True)
+    out = checkpointing.gradient_sum(a, b)
+    assert torch.equal(out, a) and out.data_ptr() == a.data_ptr()  # no kernel, a's values
+    grad = torch.randn(3, 4, dtype=torch.float64)
+    out.backward(grad)
+    assert torch.equal(a.grad, grad) and b.grad.dtype == torch.float32
+    assert torch.equal(b.grad, grad.float())
+
+
 def test_stash_keeps_nothing_on_cpu_or_outside_an_offloaded_checkpoint():
     seen = []
 
@@ -92,9 +103,9 @@ def test_stash_keeps_nothing_on_cpu_or_outside_an_offloaded_checkpoint():
         seen.append((checkpointing.stash("y", y), checkpointing.stashed("y")))
         return y + 1
 
-    assert not checkpointing.stash("y", torch.ones(2)) and checkpointing.stashed("y") is None
+    assert checkpointing.stash("y", torch.ones(2)) == 0 and checkpointing.stashed("y") == ()
     offloaded_checkpoint(function, torch.randn(3, requires_grad=True)).sum().backward()
-    assert seen == [(False, None), (False, None)]  # forward, recompute: both compute y
+    assert seen == [(0, ()), (0, ())]  # forward, recompute: both compute y
 
 
 @pytest.mark.parametrize("stash", [-1, 0, "sometimes", True])
@@ -110,6 +121,19 @@ def test_configure_offload_returns_the_settings_it_replaced():
         assert checkpointing.configure_offload()["stash"] == "off"
     finally:
         checkpointing.configure_offload(**before)
+
+
+@pytest.mark.parametrize("since, backward_ms, expected", [(1, 10.0, 1), (2, 10.0, 2), (2, 5.0, 1),
+                                                          (1, 2.0, 0)])
+def test_planner_stashes_the_leading_tensors_the_link_serves_in_time(since, backward_ms,
+                                                                      expected):
+    # Two 235-byte tensors after 64-byte layer inputs, at 0.01 ms a byte, 3 ms of compute a layer.
+    # Forward: one tensor and one input take 2.99 ms of a layer's 3; both and two inputs 5.98 ms
+    # of two layers' 6. Backward: a tensor and its layer's input come back in 2.99 ms, both in
+    # 5.34 ms.
+    planner = checkpointing._StashPlanner(None)
+    planner.since, planner._input_bytes = since, 64
+    assert planner.affordable([235, 235], 0.01, 3.0, backward_ms) == expected
 
 
 def test_pool_is_bounded_and_reused():
@@ -160,7 +184,7 @@ class Noisy(torch.nn.Module):
 
     def forward(self, x):
         kept = checkpointing.stashed("noise")
-        restored = kept is not None
+        restored = bool(kept)
         noise = kept[0] if restored else torch.randn_like(x)
         self.runs.append((not restored and checkpointing.stash("noise", noise), restored,
                           noise.clone()))
@@ -190,7 +214,7 @@ def test_recompute_gets_back_what_the_forward_stashed(stash):
         if stash == "auto":  # nothing before the link and the layers are measured
             assert not stashed
         else:
-            assert stashed == (stash != "off" and i % stash == 0)
+            assert stashed == int(stash != "off" and i % stash == 0)
         assert not stashed_again
         assert restored == stashed
         assert torch.equal(used, drawn)  # stashed or redrawn from the replayed RNG state
@@ -201,12 +225,31 @@ def test_recompute_gets_back_what_the_forward_stashed(stash):
 
 
 @pytest.mark.cuda
+def test_recompute_computes_what_a_partial_stash_left_out(monkeypatch):
+    # The planner keeps the first of the two tensors: the recompute gets it back and computes
+    # the second; the gradient is that of computing both.
+    runs = []
+
+    def function(x):
+        kept = checkpointing.stashed("sin, cos")
+        sin, cos = (*kept, *(f(x.detach()) for f in (torch.sin, torch.cos)[len(kept):]))
+        runs.append((len(kept), checkpointing.stash("sin, cos", sin, cos)))
+        return x * sin * cos
+
+    monkeypatch.setattr(checkpointing._OFFLOADER.planner, "due", lambda stream, sizes: 1)
+    x = torch.randn(64, 32, device="cuda", requires_grad=True)
+    offloaded_checkpoint(function, x).sum().backward()
+    assert runs == [(0, 1), (1, 0)]  # forward: stashed sin; recompute: got it back
+    torch.testing.assert_close(x.grad, x.detach().sin() * x.detach().cos(), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
 def test_stashes_leave_half_the_pool_to_layer_inputs():
     # Room for six [64, 32] fp32 tensors: a stash may not take the pool past three, so the first
     # two blocks stash (each followed by its input) and all four inputs are offloaded.
     nbytes = 64 * 32 * 4
     modules, _, allocated = _noisy_run(4, stash=1, pool_bytes=6 * nbytes)
-    assert [m.runs[0][0] for m in modules] == [True, True, False, False]
+    assert [m.runs[0][0] for m in modules] == [1, 1, 0, 0]
     assert allocated == 6 * nbytes
 
 
@@ -216,7 +259,7 @@ def test_recompute_that_asks_for_another_stash_is_an_error():
 
     def function(x):
         name = next(names)
-        if checkpointing.stashed(name) is None:
+        if not checkpointing.stashed(name):
             checkpointing.stash(name, x * 2)
         return x * 3
 

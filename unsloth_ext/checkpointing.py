@@ -8,7 +8,8 @@ layer, nothing but what the running layer needs.
 
 While the backward recomputes a layer, `recomputing(module)` is True for the module the
 checkpointed function calls: its output then only carries the gradient, so a forward may skip
-computing values nobody reads (the patched Llama layer skips its MLP's down projection).
+computing values nobody reads (the patched Llama layer skips its MLP's down projection, and its
+residual sum is `gradient_sum`, which runs no kernel).
 `checkpoint_memo()` is a dict that a checkpoint's forward and its recompute share, and
 `memoized(key, make)` reads it: what a function derives there from the parameters alone (the
 LoRA Functions' compute-dtype copies of the adapters) is made once per layer and step.
@@ -16,16 +17,18 @@ LoRA Functions' compute-dtype copies of the adapters) is made once per layer and
 A checkpointed function may also `stash(name, *tensors)` activations in its forward: they go to
 pinned host memory behind the layer input and come back with it, and the recompute reads them
 with `stashed(name)` instead of computing them again (the patched Llama MLP stashes its gate and
-up outputs, so the recompute skips their GEMMs). Stashing is paid in host-link traffic, and before
-a stash copy starts the compute stream waits for the one before it to finish (at most one stash
-is in flight, whatever the link's speed). Which calls stash is set by
-`configure_offload(stash=...)` or `UNSLOTH_EXT_STASH`: "auto" (default) stashes at a call when
-the link, at the speed measured on earlier copies, moves the stash and the layer inputs offloaded
-since the previous stash within the compute measured for those layers, in the forward and in the
-backward, so the wait costs nothing; an integer n stashes at every n-th call; "off" never.
+up outputs, so the recompute skips their GEMMs). A call may keep a leading part of its tensors
+only, so the recompute computes the rest. Stashing is paid in host-link traffic, and before a
+stash copy starts the compute stream waits for the one before it to finish (at most one stash is
+in flight, whatever the link's speed). What calls stash is set by `configure_offload(stash=...)`
+or `UNSLOTH_EXT_STASH`: "auto" (default) keeps at a call the most leading tensors that the link,
+at the speed measured on earlier copies, moves together with the layer inputs offloaded since the
+previous stash within the compute measured for those layers, in the forward and in the backward,
+so the wait costs nothing; an integer n stashes all tensors at every n-th call; "off" none.
 
 Pinned host memory comes from a bounded pool (`configure_offload(pool_bytes=...)` or
-`UNSLOTH_EXT_OFFLOAD_POOL_GB`, default 16 GiB): when it is exhausted the input stays on the
+`UNSLOTH_EXT_OFFLOAD_POOL_GB`; by default a quarter of the host's memory, at most 32 GiB, and
+16 GiB where the host's memory is unknown): when it is exhausted the input stays on the
 device for that layer (plain recompute), with one warning; the pool never grows past its bound.
 A stash never takes the pool past half its bound: the rest stays for layer inputs.
 """
@@ -106,6 +109,27 @@ def recomputing(module) -> bool:
                                      or getattr(function, "__self__", None) is module)
 
 
+class _GradientCarrier(torch.autograd.Function):
+    """Forward: `first`'s values, unchanged; backward: the output's gradient to every input, as
+    if the output were their sum."""
+
+    @staticmethod
+    def forward(ctx, first, *others):
+        ctx.dtypes = [t.dtype for t in (first, *others)]
+        return first.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tuple(grad.to(dtype) for dtype in ctx.dtypes)
+
+
+def gradient_sum(*tensors: torch.Tensor) -> torch.Tensor:
+    """Stands for the sum of same-shaped tensors in a recompute (see `recomputing`), whose
+    output only carries the gradient: the graph is that of the sum, the values are those of the
+    first tensor, and no kernel runs."""
+    return _GradientCarrier.apply(*tensors)
+
+
 def _pinned_bytes(nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
@@ -183,13 +207,13 @@ def _timed_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
 
 
 class _StashPlanner:
-    """Which stash() calls stash: every n-th (n = `every`), none (0) or, with `every` None, those
-    that the host link can serve without making the compute wait, in the forward (the copy to
-    the host) and in the backward (the copy back, started one layer ahead). Link speed (ms per
-    byte, from the offload copies) and the compute per layer (ms between stash() calls in the
-    forward, between fetches in the backward, waits left out) are medians of recent samples,
-    read from timing events once the GPU has passed them; until there are some (the first
-    step), nothing is stashed."""
+    """How many of a stash() call's tensors stash: all at every n-th call (n = `every`), none
+    (0) or, with `every` None, the most leading tensors that the host link can serve without
+    making the compute wait, in the forward (the copy to the host) and in the backward (the copy
+    back, started one layer ahead). Link speed (ms per byte, from the offload copies) and the
+    compute per layer (ms between stash() calls in the forward, between fetches in the backward,
+    waits left out) are medians of recent samples, read from timing events once the GPU has
+    passed them; until there are some (the first step), nothing is stashed."""
 
     _SAMPLES = 16
 
@@ -219,9 +243,9 @@ class _StashPlanner:
             samples, start, end, nbytes = self._pending.popleft()
             samples.append(start.elapsed_time(end) / nbytes)
 
-    def due(self, stream: torch.cuda.Stream, nbytes: int) -> bool:
-        """Whether the call now made on `stream`, for a stash of nbytes, stashes (with every n,
-        the first call after a reset does)."""
+    def due(self, stream: torch.cuda.Stream, sizes: list[int]) -> int:
+        """How many leading tensors, of the given sizes in bytes, the call now made on `stream`
+        stashes (with every n, the first call after a reset stashes)."""
         self._read()
         self.since += 1
         mark = _timed_event(stream)
@@ -229,17 +253,29 @@ class _StashPlanner:
             self._pending.append((self._forward, self._mark, mark, 1))
         self._mark = mark
         if self.every is not None:
-            return self.every > 0 and (self.copied is None or self.since >= self.every)
+            due = self.every > 0 and (self.copied is None or self.since >= self.every)
+            return len(sizes) if due else 0
         if not (self._link and self._forward and self._backward):
-            return False
-        ms_per_byte = statistics.median(self._link)
-        # Forward: this stash's copy and the inputs offloaded since the previous stash, within
-        # the compute of those layers. Backward: the stash and its layer's input come back
-        # while the layer after it runs its backward.
-        forward = (nbytes + self.since * self._input_bytes) * ms_per_byte
-        backward = (nbytes + self._input_bytes) * ms_per_byte
-        return (forward <= self.since * statistics.median(self._forward)
-                and backward <= statistics.median(self._backward))
+            return 0
+        return self.affordable(sizes, statistics.median(self._link),
+                               statistics.median(self._forward),
+                               statistics.median(self._backward))
+
+    def affordable(self, sizes: list[int], ms_per_byte: float, forward_ms: float,
+                   backward_ms: float) -> int:
+        """The most leading tensors whose copies the link serves in time. Forward: the stash and
+        the inputs offloaded since the previous stash, within the compute of those layers.
+        Backward: the stash and its layer's input come back while the layer after it runs its
+        backward."""
+        count, nbytes = 0, 0
+        for size in sizes:
+            nbytes += size
+            forward = (nbytes + self.since * self._input_bytes) * ms_per_byte
+            backward = (nbytes + self._input_bytes) * ms_per_byte
+            if forward > self.since * forward_ms or backward > backward_ms:
+                break
+            count += 1
+        return count
 
     def fetching(self, stream: torch.cuda.Stream) -> None:
         """The backward is about to wait on `stream` for a layer's offloaded tensors."""
@@ -295,26 +331,25 @@ class _Offloader:
         self.planner.copy(start, slot.copied, sum(b.numel() for b in buffers), input)
         return slot.copied
 
-    def stash(self, slot: _Slot, name: str, tensors: tuple[torch.Tensor, ...]) -> bool:
+    def stash(self, slot: _Slot, name: str, tensors: tuple[torch.Tensor, ...]) -> int:
         if not tensors or not all(t.is_cuda for t in tensors):
-            return False
+            return 0
         current = torch.cuda.current_stream(tensors[0].device)
         sizes = [t.numel() * t.element_size() for t in tensors]
-        if not self.planner.due(current, sum(sizes)):
-            return False
         buffers = []
-        for nbytes in sizes:
+        for nbytes in sizes[:self.planner.due(current, sizes)]:
             buffer = self.pool.acquire(nbytes, bound=self.pool.capacity // 2)
             if buffer is None:
-                for b in buffers:
-                    self.pool.release(b)
-                return False
+                break
             buffers.append(buffer)
-        if self.planner.copied is not None:
-            current.wait_event(self.planner.copied)  # at most one stash in flight
-        self.planner.stashed(current, self._to_host(slot, list(tensors), buffers, input=False))
-        slot.stashes.append((name, len(tensors)))
-        return True
+        # Recorded even when nothing is kept: the recompute's calls match the forward's in order.
+        slot.stashes.append((name, len(buffers)))
+        if buffers:
+            if self.planner.copied is not None:
+                current.wait_event(self.planner.copied)  # at most one stash in flight
+            kept = list(tensors[:len(buffers)])
+            self.planner.stashed(current, self._to_host(slot, kept, buffers, input=False))
+        return len(buffers)
 
     def offload(self, slot: _Slot, tensor: torch.Tensor) -> None:
         """The layer input, after the forward: to the host, or kept on the device."""
@@ -367,8 +402,17 @@ class _Offloader:
         return (slot.device_tensor if slot.device_tensor is not None else tensors[-1]), stashes
 
 
+def _default_pool_gib() -> float:
+    try:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 16.0
+    return min(32.0, host / 4 / 2**30)
+
+
 _OFFLOADER = _Offloader(
-    _env_setting("UNSLOTH_EXT_OFFLOAD_POOL_GB", "16", lambda gb: int(float(gb) * 2**30)),
+    _env_setting("UNSLOTH_EXT_OFFLOAD_POOL_GB", f"{_default_pool_gib():.2f}",
+                 lambda gb: int(float(gb) * 2**30)),
     _env_setting("UNSLOTH_EXT_STASH", "auto", _stash_setting))
 
 
@@ -389,25 +433,26 @@ def configure_offload(pool_bytes: int | None = None, stash=None) -> dict:
     return before
 
 
-def stash(name: str, *tensors: torch.Tensor) -> bool:
-    """In an offloaded checkpoint's forward: keep `tensors` (CUDA) in pinned host memory for the
-    recompute, which gets them back from `stashed(name)`. Returns whether they were stashed (not
-    outside such a forward, on CPU, at calls the stash setting skips, or when the pool has
-    no room): a function that stashes must compute the tensors itself when `stashed` gives None.
-    The tensors must not change after the call. They come back without autograd history: stash
-    what a custom autograd Function saves for its own backward (as the LoRA MLP does), or values
-    no gradient flows through."""
+def stash(name: str, *tensors: torch.Tensor) -> int:
+    """In an offloaded checkpoint's forward: keep `tensors` (CUDA), or the first ones of them, in
+    pinned host memory for the recompute, which gets them back from `stashed(name)`. Returns how
+    many were stashed (none outside such a forward, on CPU, at calls the stash setting skips, or
+    when the pool has no room): a function that stashes must compute itself the tensors that
+    `stashed` does not give back, so list them by how much their recompute costs, costliest
+    first. The tensors must not change after the call. They come back without autograd history:
+    stash what a custom autograd Function saves for its own backward (as the LoRA MLP does), or
+    values no gradient flows through."""
     slot = _STASHING.get()
-    return slot is not None and _OFFLOADER.stash(slot, name, tensors)
+    return 0 if slot is None else _OFFLOADER.stash(slot, name, tensors)
 
 
-def stashed(name: str) -> tuple[torch.Tensor, ...] | None:
+def stashed(name: str) -> tuple[torch.Tensor, ...]:
     """In an offloaded checkpoint's recompute: the tensors the forward's matching stash(name)
-    call kept (on the device, the recompute's to modify), or None where it kept none. Calls match
-    in order: the recompute makes the same stash calls as the forward did."""
+    call kept (on the device, the recompute's to modify), its leading ones; empty where it kept
+    none. Calls match in order: the recompute makes the same stash calls as the forward did."""
     restored = _RESTORED.get()
     if not restored:
-        return None
+        return ()
     if restored[0][0] != name:
         raise RuntimeError(f"unsloth_ext: the recompute asked for stash {name!r} where its forward "
                            f"stashed {restored[0][0]!r}; the checkpointed function must make the "

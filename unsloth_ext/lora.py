@@ -489,22 +489,22 @@ class LoraMLP(torch.autograd.Function):
     a checkpointed layer's recompute): forward stops after e and g and returns zeros, and backward
     computes down's s·D(h)·Aᵀ from the h it recomputes.
 
-    Inside an offloaded checkpoint the forward stashes e and g (`checkpointing.stash`), and the
-    recompute takes them back instead of running the gate and up GEMMs again."""
+    Inside an offloaded checkpoint the forward stashes e and g, or e alone, as the link allows
+    (`checkpointing.stash`), and the recompute takes them back instead of running their GEMMs
+    again."""
 
     @staticmethod
     def forward(ctx, X, statics, activation, compute_output, *tensors):
         with torch.autocast(X.device.type, enabled=False):
             gate, up, down = _projections(statics, tensors, X.dtype)
             sxa_g, sxa_u = _lora_down(X, (gate, up))
-            # An offloaded checkpoint's recompute gets e and g back from its forward's stash.
+            # An offloaded checkpoint's recompute gets e, or e and g, back from its forward's
+            # stash, and computes the rest.
             restored = stashed(_STASH_NAME)
-            if restored is None:
-                e = _project(X, _dense(gate.weight, X.dtype), gate.bias, sxa_g, gate.B)
-                g = _project(X, _dense(up.weight, X.dtype), up.bias, sxa_u, up.B)
+            e, g = (*restored, *(_project(X, _dense(p.weight, X.dtype), p.bias, sxa, p.B)
+                                 for p, sxa in ((gate, sxa_g), (up, sxa_u))[len(restored):]))
+            if not restored:
                 stash(_STASH_NAME, e, g)
-            else:
-                e, g = restored
             if not compute_output:
                 Y, sha = X.new_zeros(X.shape[0], down.weight.shape[0]), None
             else:

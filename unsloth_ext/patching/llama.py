@@ -109,7 +109,7 @@ def attention_forward(self, hidden_states: torch.Tensor,
 def decoder_layer_forward(self, hidden_states: torch.Tensor, attention_mask=None,
                           position_ids=None, past_key_values=None, use_cache=False,
                           position_embeddings=None, **kwargs) -> torch.Tensor:
-    from unsloth_ext.checkpointing import recomputing
+    from unsloth_ext.checkpointing import gradient_sum, recomputing
     from unsloth_ext.ops.add_rms_norm import add_rms_norm
 
     residual = hidden_states
@@ -125,8 +125,10 @@ def decoder_layer_forward(self, hidden_states: torch.Tensor, attention_mask=None
     hidden_states, residual = add_rms_norm(hidden_states.to(dtype), residual.to(dtype),
                                            norm.weight, norm.variance_epsilon)
     # Recomputed in an offloaded checkpoint's backward, the layer's output only carries the
-    # gradient, so the MLP's output values (its down projection) are not computed.
-    return residual + self.mlp(hidden_states, compute_output=not recomputing(self))
+    # gradient, so neither the MLP's output values (its down projection) nor the sum is computed.
+    if recomputing(self):
+        return gradient_sum(residual, self.mlp(hidden_states, compute_output=False))
+    return residual + self.mlp(hidden_states)
 
 
 def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None,
