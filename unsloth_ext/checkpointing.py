@@ -20,11 +20,12 @@ with `stashed(name)` instead of computing them again (the patched Llama MLP stas
 up outputs, so the recompute skips their GEMMs). A call may keep a leading part of its tensors
 only, so the recompute computes the rest. Stashing is paid in host-link traffic, and before a
 stash copy starts the compute stream waits for the one before it to finish (at most one stash is
-in flight, whatever the link's speed). What calls stash is set by `configure_offload(stash=...)`
-or `UNSLOTH_EXT_STASH`: "auto" (default) keeps at a call the most leading tensors that the link,
-at the speed measured on earlier copies, moves together with the layer inputs offloaded since the
-previous stash within the compute measured for those layers, in the forward and in the backward,
-so the wait costs nothing; an integer n stashes all tensors at every n-th call; "off" none.
+in flight, whatever the link's speed). What each call stashes is set by
+`configure_offload(stash=...)` or `UNSLOTH_EXT_STASH`: "auto" (default) keeps at a call the most
+leading tensors that the link, at the speed measured on earlier copies, moves together with the
+layer inputs offloaded since the previous stash within the compute measured for those layers, in
+the forward and in the backward, so the wait costs nothing; an integer n stashes all tensors at
+every n-th call; "off" none.
 
 Pinned host memory comes from a bounded pool (`configure_offload(pool_bytes=...)` or
 `UNSLOTH_EXT_OFFLOAD_POOL_GB`; by default a quarter of the host's memory, at most 32 GiB, and
