@@ -199,7 +199,6 @@ def isolated(function, *args):
         return pool.apply(function, args)
 
 
-
 BUILDERS = {"stock": stock_model, "stock_kbit": functools.partial(stock_model, kbit_recipe=True),
             "unsloth_ext": unsloth_ext_model}
 BASELINES = ("stock", "stock_kbit")
