@@ -210,7 +210,7 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--modes", default="stock,stock_kbit,unsloth_ext",
                         help=f"comma-separated, from {', '.join(BUILDERS)}")
     parser.add_argument("--model-dir", help="reuse a saved model directory")

@@ -16,12 +16,15 @@ TORCH_LIBRARY(unsloth_ext, m) {
       "Tensor position_ids) -> ()");
   m.def("swiglu_fwd(Tensor e, Tensor g) -> Tensor h");
   m.def("swiglu_bwd(Tensor grad_h, Tensor e, Tensor g) -> (Tensor grad_e, Tensor grad_g)");
-  m.def("swiglu_bwd_(Tensor grad_h, Tensor(a!) e, Tensor(b!) g) -> ()");
+  m.def(
+      "swiglu_bwd_(Tensor(c!) grad_h, Tensor(a!) e, Tensor(b!) g, bool store_h=False) -> ()");
   m.def("geglu_fwd(Tensor e, Tensor g, str approximate) -> Tensor h");
   m.def(
       "geglu_bwd(Tensor grad_h, Tensor e, Tensor g, str approximate) "
       "-> (Tensor grad_e, Tensor grad_g)");
-  m.def("geglu_bwd_(Tensor grad_h, Tensor(a!) e, Tensor(b!) g, str approximate) -> ()");
+  m.def(
+      "geglu_bwd_(Tensor(c!) grad_h, Tensor(a!) e, Tensor(b!) g, str approximate, "
+      "bool store_h=False) -> ()");
   m.def(
       "layer_norm_fwd(Tensor x, Tensor weight, Tensor? bias, float eps) "
       "-> (Tensor y, Tensor mean, Tensor rstd)");

@@ -95,6 +95,32 @@ def test_gradient_sum_has_the_graph_of_the_sum():
     assert torch.equal(b.grad, grad.float())
 
 
+def test_handover_gives_the_backward_what_the_recompute_kept():
+    calls = []
+
+    def three(x, how):
+        calls.append(how)
+        return torch.full_like(x, 3.0)
+
+    class Times3(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * checkpointing.handover("w", lambda: three(x, "keep"), lambda: three(x, "make"))
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * checkpointing.handover("w", lambda: three(grad, "keep"),
+                                                 lambda: three(grad, "make"))
+
+    x = torch.randn(4, requires_grad=True)
+    offloaded_checkpoint(Times3.apply, x).sum().backward()
+    assert calls == ["make", "keep"]  # forward, recompute; the backward took the recompute's
+    torch.testing.assert_close(x.grad, torch.full_like(x, 3.0), rtol=0, atol=0)
+    calls.clear()
+    Times3.apply(x).sum().backward()
+    assert calls == ["make", "make"]  # outside an offloaded checkpoint
+
+
 def test_stash_keeps_nothing_on_cpu_or_outside_an_offloaded_checkpoint():
     seen = []
 
@@ -123,17 +149,17 @@ def test_configure_offload_returns_the_settings_it_replaced():
         checkpointing.configure_offload(**before)
 
 
-@pytest.mark.parametrize("since, backward_ms, expected", [(1, 10.0, 1), (2, 10.0, 2), (2, 5.0, 1),
-                                                          (1, 2.0, 0)])
-def test_planner_stashes_the_leading_tensors_the_link_serves_in_time(since, backward_ms,
-                                                                      expected):
-    # Two 235-byte tensors after 64-byte layer inputs, at 0.01 ms a byte, 3 ms of compute a layer.
-    # Forward: one tensor and one input take 2.99 ms of a layer's 3; both and two inputs 5.98 ms
-    # of two layers' 6. Backward: a tensor and its layer's input come back in 2.99 ms, both in
-    # 5.34 ms.
+@pytest.mark.parametrize("backlog_ms, backward_ms, lead_ms, expected", [
+    (0.0, 10.0, 0.0, 2), (2.0, 10.0, 0.0, 1), (4.0, 10.0, 0.0, 0), (0.0, 5.0, 0.0, 1),
+    (0.0, 5.0, 0.5, 2), (0.0, 2.0, 0.0, 0)])
+def test_planner_stashes_the_leading_tensors_the_link_serves_in_time(backlog_ms, backward_ms,
+                                                                      lead_ms, expected):
+    # Two 235-byte tensors and a 50-byte layer input at 0.01 ms a byte, 3 ms of compute a layer:
+    # forward, one tensor and the input add 2.85 ms to the backlog, both 5.2 ms, within the 6 ms
+    # of two layers; backward, they come back in as long, within a layer's backward and the lead.
     planner = checkpointing._StashPlanner(None)
-    planner.since, planner._input_bytes = since, 64
-    assert planner.affordable([235, 235], 0.01, 3.0, backward_ms) == expected
+    planner._backlog_ms, planner._input_bytes = backlog_ms, 50
+    assert planner.affordable([235, 235], 0.01, 3.0, backward_ms, lead_ms) == expected
 
 
 def test_pool_is_bounded_and_reused():
@@ -216,7 +242,8 @@ def test_recompute_gets_back_what_the_forward_stashed(stash):
         else:
             assert stashed == int(stash != "off" and i % stash == 0)
         assert not stashed_again
-        assert restored == stashed
+        # The last block's recompute, right after its forward, gets its tensors from the device.
+        assert restored == bool(stashed or i == len(modules) - 1)
         assert torch.equal(used, drawn)  # stashed or redrawn from the replayed RNG state
     expected = torch.ones_like(grad)
     for module in reversed(modules):  # the backward's order of products
@@ -226,8 +253,9 @@ def test_recompute_gets_back_what_the_forward_stashed(stash):
 
 @pytest.mark.cuda
 def test_recompute_computes_what_a_partial_stash_left_out(monkeypatch):
-    # The planner keeps the first of the two tensors: the recompute gets it back and computes
-    # the second; the gradient is that of computing both.
+    # The planner keeps the first of the two tensors: the first checkpoint's recompute gets it
+    # back and computes the second; the last checkpoint's gets both from the device. The gradient
+    # is that of computing both.
     runs = []
 
     def function(x):
@@ -238,9 +266,41 @@ def test_recompute_computes_what_a_partial_stash_left_out(monkeypatch):
 
     monkeypatch.setattr(checkpointing._OFFLOADER.planner, "due", lambda stream, sizes: 1)
     x = torch.randn(64, 32, device="cuda", requires_grad=True)
-    offloaded_checkpoint(function, x).sum().backward()
-    assert runs == [(0, 1), (1, 0)]  # forward: stashed sin; recompute: got it back
+    offloaded_checkpoint(function, offloaded_checkpoint(torch.mul, x, 1.0)).sum().backward()
+    assert runs == [(0, 1), (2, 0)]  # forward: stashed sin; last layer's recompute: both back
     torch.testing.assert_close(x.grad, x.detach().sin() * x.detach().cos(), rtol=0, atol=0)
+    runs.clear()
+    offloaded_checkpoint(torch.mul, offloaded_checkpoint(function, x), 1.0).sum().backward()
+    assert runs == [(0, 1), (1, 0)]  # not the last layer: sin back from the host, cos computed
+
+
+@pytest.mark.cuda
+def test_backward_takes_the_last_checkpoints_tensors_from_the_device():
+    """The backward starts with the last checkpoint, just after its forward: its recompute gets
+    the forward's own tensor, not a copy back from the host; the others get copies."""
+    forward, recompute = [], []
+
+    def function(x):
+        kept = checkpointing.stashed("y")
+        y = kept[0] if kept else torch.full_like(x, 2.0)
+        if not kept:
+            checkpointing.stash("y", y)
+        (recompute if kept else forward).append(y)
+        return x * y
+
+    before = checkpointing.configure_offload(stash=1)
+    try:
+        x = torch.randn(64, 32, device="cuda", requires_grad=True)
+        h = x
+        for _ in range(3):
+            h = offloaded_checkpoint(function, h)
+        h.sum().backward()
+    finally:
+        checkpointing.configure_offload(**before)
+    assert [r is f for r, f in zip(recompute, reversed(forward))] == [True, False, False]
+    for r, f in zip(recompute, reversed(forward)):
+        assert torch.equal(r, f)
+    torch.testing.assert_close(x.grad, torch.full_like(x, 8.0), rtol=0, atol=0)
 
 
 @pytest.mark.cuda

@@ -10,7 +10,7 @@ from unsloth_ext.ops.cross_entropy import (_CrossEntropyGradInLogits, chunk_shap
                                            cross_entropy_bwd_reference,
                                            cross_entropy_fwd_bwd_reference_,
                                            cross_entropy_fwd_reference, cross_entropy_reference,
-                                           fused_linear_cross_entropy)
+                                           fused_linear_cross_entropy, start_label_check)
 
 IGNORE = -100
 VOCABS = [32001, 128256, 256000]
@@ -279,6 +279,17 @@ def test_bad_inputs_raise_clear_errors(make, err, match):
     logits, labels = make()
     with pytest.raises(err, match=match):
         cross_entropy(logits, labels)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_label_check_started_early_raises_when_finished(device):
+    good = torch.tensor([[1, -100], [9, 0]], device=device)
+    finish = start_label_check(good, 10)
+    assert finish() is None
+    finish = start_label_check(torch.tensor([[1, -100], [10, 0]], device=device), 10)
+    with pytest.raises(ValueError, match=r"labels\[1, 0\] is 10; expected a class index in "
+                                         r"\[0, 10\) or ignore_index \(-100\)"):
+        finish()
 
 
 @pytest.mark.parametrize("kwargs,match", [

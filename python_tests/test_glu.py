@@ -34,11 +34,11 @@ class Glu:
     def fwd(self, e, g):
         return swiglu(e, g) if self.name == "swiglu" else geglu(e, g, self.approximate)
 
-    def backward_(self, grad_h, e, g):
+    def backward_(self, grad_h, e, g, store_h=False):
         if self.name == "swiglu":
-            swiglu_backward_(grad_h, e, g)
+            swiglu_backward_(grad_h, e, g, store_h=store_h)
         else:
-            geglu_backward_(grad_h, e, g, self.approximate)
+            geglu_backward_(grad_h, e, g, self.approximate, store_h=store_h)
 
     def ref_fwd(self, e, g):
         return swiglu_reference(e, g) if self.name == "swiglu" else geglu_reference(
@@ -93,8 +93,15 @@ def test_backward_reference_matches_autograd(glu, dtype):
 def test_backward_in_place_reference_cpu(glu):
     e, g, grad_h = _inputs((6, 40), torch.bfloat16, "cpu")
     re, rg = glu.ref_bwd(grad_h, e, g)
+    rh = glu.ref_fwd(e, g)
+    kept = grad_h.clone()
     glu.backward_(grad_h, e, g)
-    assert torch.equal(e, re) and torch.equal(g, rg)
+    assert torch.equal(e, re) and torch.equal(g, rg) and torch.equal(grad_h, kept)
+    e, g, grad_h = _inputs((6, 40), torch.bfloat16, "cpu")
+    re, rg = glu.ref_bwd(grad_h, e, g)
+    rh = glu.ref_fwd(e, g)
+    glu.backward_(grad_h, e, g, store_h=True)  # grad_h receives h
+    assert torch.equal(e, re) and torch.equal(g, rg) and torch.equal(grad_h, rh)
 
 
 @pytest.mark.parametrize("glu", GLUS, ids=str)
@@ -125,6 +132,8 @@ def _opcheck_all(glu, device, dtype):
                            *glu.extra))
     torch.library.opcheck(glu.op("bwd").default, (grad_h, e, g, *glu.extra))
     torch.library.opcheck(glu.op("bwd_").default, (grad_h, e.clone(), g.clone(), *glu.extra))
+    torch.library.opcheck(glu.op("bwd_").default,
+                          (grad_h.clone(), e.clone(), g.clone(), *glu.extra), {"store_h": True})
 
 
 @needs_extension
@@ -134,11 +143,13 @@ def test_opcheck_cpu(glu, dtype):
     _opcheck_all(glu, "cpu", dtype)
 
 
-def _in_place_with(grad_h_is_e=False, g_is_e=False, expanded_e=False):
+def _in_place_with(grad_h_is_e=False, g_is_e=False, expanded_e=False, expanded_grad_h=False):
     e, g = torch.randn(4, 8), torch.randn(4, 8)
     if expanded_e:
         e = torch.randn(4, 1).expand(4, 8)
-    swiglu_backward_(e if grad_h_is_e else torch.randn(4, 8), e, e if g_is_e else g)
+    grad_h = torch.randn(4, 1).expand(4, 8) if expanded_grad_h else torch.randn(4, 8)
+    swiglu_backward_(e if grad_h_is_e else grad_h, e, e if g_is_e else g,
+                     store_h=expanded_grad_h)
 
 
 @pytest.mark.parametrize("call,err,match", [
@@ -173,6 +184,8 @@ def _in_place_with(grad_h_is_e=False, g_is_e=False, expanded_e=False):
                  "e and grad_h share memory", id="in-place-grad-is-e"),
     pytest.param(lambda: _in_place_with(expanded_e=True), ValueError,
                  "e has elements that share memory", id="in-place-expanded"),
+    pytest.param(lambda: _in_place_with(expanded_grad_h=True), ValueError,
+                 "grad_h has elements that share memory", id="store-h-expanded"),
 ])
 def test_bad_inputs_raise_clear_errors(call, err, match):
     with pytest.raises(err, match=match):
@@ -205,10 +218,14 @@ def test_kernel_matches_reference(shape, dtype, glu):
     assert_no_worse_than_reference(ge, re, oe)
     assert_no_worse_than_reference(gg, rg, og)
 
-    # The in-place backward writes exactly the out-of-place values into e and g.
-    e2, g2 = e.clone(), g.clone()
+    # The in-place backward writes exactly the out-of-place values into e and g, and with store_h
+    # exactly the forward's h into grad_h.
+    e2, g2, h2 = e.clone(), g.clone(), grad_h.clone()
     glu.op("bwd_")(grad_h, e2, g2, *glu.extra)
     assert torch.equal(e2, ge) and torch.equal(g2, gg)
+    e2, g2 = e.clone(), g.clone()
+    glu.op("bwd_")(h2, e2, g2, *glu.extra, store_h=True)
+    assert torch.equal(e2, ge) and torch.equal(g2, gg) and torch.equal(h2, h)
 
 
 @pytest.mark.cuda
@@ -264,10 +281,12 @@ def test_kernel_row_strided_views(glu, dtype, cols, width):
     ge, gg = _run(glu.op("bwd"), grad_h, e, g, *glu.extra)
     assert_close(ge, re)
     assert_close(gg, rg)
+    rh = glu.ref_fwd(e, g)
     untouched = fused[:, cols:width // 2].clone()
-    glu.op("bwd_")(grad_h, e, g, *glu.extra)
+    glu.op("bwd_")(grad_h, e, g, *glu.extra, store_h=True)
     assert_close(fused[:, :cols], re)
     assert_close(fused[:, width // 2:width // 2 + cols], rg)
+    assert_close(grad_h, rh)
     assert torch.equal(fused[:, cols:width // 2], untouched)
 
 
@@ -297,9 +316,11 @@ def test_kernel_layouts_without_rows(glu):
     for got, ref in zip(_run(glu.op("bwd"), grad_h, e, g, *glu.extra), (re, rg)):
         assert got.is_contiguous()
         assert_close(got, ref)
-    glu.op("bwd_")(grad_h, e, g, *glu.extra)
+    rh = glu.ref_fwd(e, g)
+    glu.op("bwd_")(grad_h, e, g, *glu.extra, store_h=True)
     assert_close(e, re)
     assert_close(g, rg)
+    assert_close(grad_h, rh)
 
 
 @pytest.mark.cuda
@@ -394,6 +415,8 @@ def test_kernel_bad_inputs():
         bwd_(e, e, e.clone())
     with pytest.raises(ValueError, match="e has elements that share memory"):
         bwd_(e, torch.randn(4, 1, device="cuda").expand(4, 64), e.clone())
+    with pytest.raises(ValueError, match="grad_h has elements that share memory"):
+        bwd_(torch.randn(4, 1, device="cuda").expand(4, 64), e.clone(), e.clone(), store_h=True)
 
 
 @pytest.mark.cuda

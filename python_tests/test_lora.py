@@ -304,7 +304,8 @@ def test_fp32_adapters_are_copied_once_per_checkpointed_call(monkeypatch):
 @pytest.mark.cuda
 def test_offloaded_mlp_recompute_takes_gate_and_up_from_the_stash(monkeypatch):
     # Inside an offloaded checkpoint the MLP's forward stashes e and g (or e only); the recompute
-    # runs no GEMM for what it gets back, and every gradient is bitwise that of recomputing.
+    # runs no GEMM for what it gets back, and every gradient is bitwise that of recomputing. (A
+    # checkpoint follows, as the next layer would: the last one gets e and g from the device.)
     torch.manual_seed(0)
     hidden, inter = 128, 320
 
@@ -329,13 +330,16 @@ def test_offloaded_mlp_recompute_takes_gate_and_up_from_the_stash(monkeypatch):
         return lora_mlp(x, LoraParts(Wg, None, ag, bg, 0.5), LoraParts(Wu, None, au, bu, 1.5),
                         LoraParts(Wd, None, ad, bd, 2.0))
 
-    def grads(stash):
+    def grads(stash, last=False):
         before = checkpointing.configure_offload(stash=stash)
         try:
             widths.clear()
             for p in (X, *adapters):
                 p.grad = None
-            offloaded_checkpoint(mlp, X).float().square().sum().backward()
+            Y = offloaded_checkpoint(mlp, X)
+            if not last:
+                Y = offloaded_checkpoint(torch.mul, Y, 1.0)
+            Y.float().square().sum().backward()
             return [p.grad for p in (X, *adapters)]
         finally:
             checkpointing.configure_offload(**before)
@@ -348,9 +352,12 @@ def test_offloaded_mlp_recompute_takes_gate_and_up_from_the_stash(monkeypatch):
     monkeypatch.setattr(checkpointing._OFFLOADER.planner, "due", lambda stream, sizes: 1)
     e_from_stash = grads(1)
     assert widths == [inter, inter, hidden, inter, hidden]
-    for got, want, e_only in zip(from_stash, recomputed, e_from_stash):
+    last = grads("off", last=True)
+    assert widths == [inter, inter, hidden, hidden]
+    for got, want, e_only, on_device in zip(from_stash, recomputed, e_from_stash, last):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         torch.testing.assert_close(e_only, want, rtol=0, atol=0)
+        torch.testing.assert_close(on_device, want, rtol=0, atol=0)
 
 
 def _under_autocast(fn):
@@ -612,6 +619,54 @@ def test_mlp_without_output_gives_the_same_gradients(device, dtype, blocks, froz
     assert Y.abs().sum() > 0 and torch.equal(zeros, torch.zeros_like(Y))
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float64),
+                                          pytest.param("cuda", torch.bfloat16,
+                                                       marks=pytest.mark.cuda)])
+def test_mlp_adds_the_residual_in_its_down_projection(device, dtype, monkeypatch):
+    """residual=R gives R + mlp(X) (the down projection's GEMMs add R, over several row blocks)
+    and R's gradient is the output's; on CUDA with NF4 weights and the kernels."""
+    monkeypatch.setattr(lora, "_MIN_BLOCK_ELEMENTS", 1)
+    torch.manual_seed(0)
+
+    def t(*shape, grad=True):
+        return (0.5 * torch.randn(*shape, device=device)).to(dtype).requires_grad_(grad)
+
+    def weight(*shape):
+        w = t(*shape, grad=False)
+        return quantize_nf4(w) if device == "cuda" else w
+
+    hidden, inter = 64, 192
+    X, R = t(2, 5, hidden), t(2, 5, hidden)
+    gate = LoraParts(weight(inter, hidden), None, t(3, hidden), t(inter, 3), 0.5)
+    up = LoraParts(weight(inter, hidden), None, t(2, hidden), t(inter, 2), 1.5)
+    down = LoraParts(weight(hidden, inter), None, t(4, inter), t(hidden, 4), 2.0)
+    inputs = [X, R] + [t for p in (gate, up, down) for t in (p.lora_A, p.lora_B)]
+    dY = torch.randn(2, 5, hidden, device=device).to(dtype)
+    fused = lora_mlp(X, gate, up, down, residual=R)
+    mlp = lora_mlp(X, gate, up, down)
+    expected = R + mlp
+    # The sums are rounded in other places: within a unit in the last place of their terms.
+    ulp = torch.finfo(dtype).eps * (R.abs() + mlp.abs()).max().item()
+    torch.testing.assert_close(fused, expected, rtol=0, atol=2 * ulp)
+    got = torch.autograd.grad(fused, inputs, dY)
+    for a, b in zip(got, torch.autograd.grad(expected, inputs, dY)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.equal(got[1], dY)
+    if device == "cpu":
+        with _copy_on_unpack:
+            assert torch.autograd.gradcheck(
+                lambda x, r: lora_mlp(x, gate, up, down, residual=r), (X, R))
+        # A residual in another dtype is added after the MLP, in the promoted dtype.
+        wide = R.detach().float()
+        out = lora_mlp(X.detach().float(), *(LoraParts(
+            p.weight.float(), None, p.lora_A.detach().float(), p.lora_B.detach().float(),
+            p.scaling) for p in (gate, up, down)), residual=wide.double())
+        assert out.dtype == torch.float64
+        with pytest.raises(ValueError, match="residual has shape \\(2, 3, 64\\), expected "
+                                             "\\(2, 5, 64\\)"):
+            lora_mlp(X, gate, up, down, residual=R[:, :3])
 
 
 def test_gradcheck_without_lora_and_frozen_adapter():

@@ -95,8 +95,10 @@ def _converge(tmp_path, device, dtype, tolerance):
 
 def test_convergence_matches_stock_cpu_fp32(tmp_path):
     _, _, stock_w, fast_w = _converge(tmp_path, "cpu", torch.float32, 1e-3)
+    # Per adapter matrix: Adam moves a weight whose gradient is near zero by about the learning
+    # rate whatever the gradient's size, so elementwise tolerances would see fp32 rounding there.
     for name, w in stock_w.items():
-        torch.testing.assert_close(fast_w[name], w, rtol=1e-3, atol=1e-4)
+        assert (fast_w[name] - w).norm() <= 1e-3 * w.norm(), name
 
 
 @pytest.mark.cuda
@@ -107,6 +109,17 @@ def test_convergence_matches_stock_cuda_bf16(tmp_path):
     _train(oracle, batches, 30)
     for name, w in _lora_weights(oracle).items():
         assert (fast_w[name] - w).norm() <= 2 * (stock_w[name] - w).norm() + 1e-3, name
+
+
+def test_bad_label_raises_a_clear_error(tmp_path):
+    model = _fast(_save_tiny(tmp_path), "cpu", torch.float32)
+    model.train()
+    ids = _batches("cpu", n=1)[0]
+    labels = ids.clone()
+    labels[1, 5] = TINY["vocab_size"]
+    with pytest.raises(ValueError, match=rf"labels\[{ids.shape[1] + 4}\] is {TINY['vocab_size']}"
+                                         "; expected a class index"):
+        model(input_ids=ids, labels=labels)
 
 
 def test_offloaded_recompute_skips_the_mlp_output(tmp_path, monkeypatch):

@@ -4,7 +4,9 @@
 copies `hidden_states` to a pinned host buffer on a side stream. The backward copies it back
 (the copy for the layer after it in the backward order is already in flight: double buffering),
 recomputes the layer with gradients and backpropagates through it. The device then holds, per
-layer, nothing but what the running layer needs.
+layer, nothing but what the running layer needs. The last checkpoint's device tensors are kept
+until another checkpoint begins: the backward starts with that layer, whose copies back would
+make it wait, so it takes them from the device.
 
 While the backward recomputes a layer, `recomputing(module)` is True for the module the
 checkpointed function calls: its output then only carries the gradient, so a forward may skip
@@ -13,18 +15,23 @@ residual sum is `gradient_sum`, which runs no kernel).
 `checkpoint_memo()` is a dict that a checkpoint's forward and its recompute share, and
 `memoized(key, make)` reads it: what a function derives there from the parameters alone (the
 LoRA Functions' compute-dtype copies of the adapters) is made once per layer and step.
+`handover(key, keep, make)` passes what the recompute derives to the backward through it (the
+LoRA Functions' dequantized weights), which would otherwise derive it again.
 
 A checkpointed function may also `stash(name, *tensors)` activations in its forward: they go to
 pinned host memory behind the layer input and come back with it, and the recompute reads them
 with `stashed(name)` instead of computing them again (the patched Llama MLP stashes its gate and
 up outputs, so the recompute skips their GEMMs). A call may keep a leading part of its tensors
 only, so the recompute computes the rest. Stashing is paid in host-link traffic, and before a
-stash copy starts the compute stream waits for the one before it to finish (at most one stash is
-in flight, whatever the link's speed). What each call stashes is set by
-`configure_offload(stash=...)` or `UNSLOTH_EXT_STASH`: "auto" (default) keeps at a call the most
-leading tensors that the link, at the speed measured on earlier copies, moves together with the
-layer inputs offloaded since the previous stash within the compute measured for those layers, in
-the forward and in the backward, so the wait costs nothing; an integer n stashes all tensors at
+stash copy starts the compute stream waits for the one three stashes back to finish (at most
+three are in flight, whatever the link's speed). In the backward a layer's input comes back
+first: its recompute starts before its stash is back, and waits for it where it reads it.
+What each call
+stashes is set by `configure_offload(stash=...)` or `UNSLOTH_EXT_STASH`: "auto" (default) keeps
+at a call the most leading tensors that the link, at the speed measured on earlier copies, moves
+in time: in the forward, with the copies already queued (stashes and layer inputs), within two
+layers' compute as measured, so the wait costs nothing; in the backward, within the backward of
+the layer after it and its own recompute's lead to the stash. An integer n stashes all tensors at
 every n-th call; "off" none.
 
 Pinned host memory comes from a bounded pool (`configure_offload(pool_bytes=...)` or
@@ -72,6 +79,10 @@ _RECOMPUTING: contextvars.ContextVar = contextvars.ContextVar("unsloth_ext_recom
 # The memo of the offloaded checkpoint whose forward or recompute is running.
 _MEMO: contextvars.ContextVar = contextvars.ContextVar("unsloth_ext_checkpoint_memo", default=None)
 
+# What the recompute of the offloaded checkpoint whose backward is running hands to the backward
+# through it (see handover).
+_HANDOVER: contextvars.ContextVar = contextvars.ContextVar("unsloth_ext_handover", default=None)
+
 # The slot of the offloaded checkpoint whose forward is running (stash() adds to it), and the
 # stashes its recompute has not read yet (stashed() takes them in order).
 _STASHING: contextvars.ContextVar = contextvars.ContextVar("unsloth_ext_stashing", default=None)
@@ -96,6 +107,22 @@ def memoized(key, make: Callable):
     if key not in memo:
         memo[key] = make()
     return memo[key]
+
+
+def handover(key, keep: Callable, make: Callable):
+    """In an offloaded checkpoint's recompute: keep(), also held under key for the backward
+    through the recompute, whose first call with that key takes it instead of making it again.
+    Elsewhere, and for a key the recompute did not hold: make(). (keep must not return what a
+    later call overwrites, such as a shared buffer.) What the backward does not take is dropped
+    with the checkpoint's backward."""
+    held = _HANDOVER.get()
+    if held is None:
+        return make()
+    if _RECOMPUTING.get() is not None:
+        value = held[key] = keep()
+        return value
+    value = held.pop(key, None)
+    return make() if value is None else value
 
 
 def recomputing(module) -> bool:
@@ -181,7 +208,13 @@ class _Slot:
     host: list[torch.Tensor] = field(default_factory=list)  # stashed tensors, then the input
     stashes: list[tuple[str, int]] = field(default_factory=list)  # per stash() call: name, count
     copied: torch.cuda.Event | None = None  # after the last copy to the host
+    # While no later checkpoint has begun: the tensors of each stash() call, kept or not, and the
+    # input, on the device. The backward of the last layer, which follows its forward with no
+    # layer between, takes them instead of waiting for copies back, and recomputes none of them.
+    resident_stashes: list[tuple[torch.Tensor, ...]] | None = field(default_factory=list)
+    resident_input: torch.Tensor | None = None
     prefetched: list[torch.Tensor] | None = None
+    input_ready: torch.cuda.Event | None = None  # the input is back (it comes first)
     prefetch_done: torch.cuda.Event | None = None
     consumed: bool = False
 
@@ -209,13 +242,21 @@ def _timed_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
 
 class _StashPlanner:
     """How many of a stash() call's tensors stash: all at every n-th call (n = `every`), none
-    (0) or, with `every` None, the most leading tensors that the host link can serve without
-    making the compute wait, in the forward (the copy to the host) and in the backward (the copy
-    back, started one layer ahead). Link speed (ms per byte, from the offload copies) and the
-    compute per layer (ms between stash() calls in the forward, between fetches in the backward,
-    waits left out) are medians of recent samples, read from timing events once the GPU has
-    passed them; until there are some (the first step), nothing is stashed."""
+    (0) or, with `every` None, the most leading tensors that the host link serves without
+    making the compute wait. Forward: the link's backlog (the copies queued and not done: each
+    adds its bytes at the link's speed, and the compute between calls drains it) stays within
+    DEPTH - 1 calls of compute once this stash and its layer's input are queued, so the stash
+    DEPTH calls back, which the compute waits for before queueing another, is done a call before
+    then: a link that falls behind the plan costs a stash of device memory before it costs a
+    wait. Backward:
+    a layer's input and its stash come back (input first) while the layer after it runs its
+    backward and its own recompute reaches the stash. Link speed (ms per byte, from the offload
+    copies), the compute per call (ms between stash() calls in the forward, between fetches in
+    the backward, waits left out) and the recompute's lead (from a fetch to its stash's read)
+    are medians of recent samples, read from timing events once the GPU has passed them; until
+    there are some (the first step), nothing is stashed."""
 
+    DEPTH = 3  # stash copies in flight
     _SAMPLES = 16
 
     def __init__(self, every: int | None):
@@ -227,17 +268,22 @@ class _StashPlanner:
         self._link: collections.deque = collections.deque(maxlen=self._SAMPLES)
         self._forward: collections.deque = collections.deque(maxlen=self._SAMPLES)
         self._backward: collections.deque = collections.deque(maxlen=self._SAMPLES)
+        self._lead: collections.deque = collections.deque(maxlen=self._SAMPLES)
         self._input_bytes = 0  # the latest layer input copied to the host
+        self._backlog_ms = 0.0  # link work queued and not done, at the latest call
+        self._new_forward = True  # no call since the last backward
         self._pending: collections.deque = collections.deque()  # (samples, start, end, bytes)
         self._mark: torch.cuda.Event | None = None  # the compute stream at the previous call
         self._fetch_mark: torch.cuda.Event | None = None  # ... at the previous fetch
-        self.copied: torch.cuda.Event | None = None  # the end of the previous stash's copy
+        self.in_flight: collections.deque = collections.deque(maxlen=self.DEPTH)  # copy ends
 
     def copy(self, start: torch.cuda.Event, end: torch.cuda.Event, nbytes: int, input: bool):
         self._read()
         self._pending.append((self._link, start, end, nbytes))
         if input:
             self._input_bytes = nbytes
+        if self._link:
+            self._backlog_ms += nbytes * statistics.median(self._link)
 
     def _read(self) -> None:
         while self._pending and self._pending[0][2].query():
@@ -249,48 +295,59 @@ class _StashPlanner:
         stashes (with every n, the first call after a reset stashes)."""
         self._read()
         self.since += 1
+        if self._new_forward:  # the time since the previous call or fetch is no layer's
+            self._new_forward, self._mark, self._fetch_mark = False, None, None
+            self._backlog_ms = 0.0
+        elif self._forward:
+            self._backlog_ms = max(0.0, self._backlog_ms - statistics.median(self._forward))
         mark = _timed_event(stream)
         if self._mark is not None:
             self._pending.append((self._forward, self._mark, mark, 1))
         self._mark = mark
         if self.every is not None:
-            due = self.every > 0 and (self.copied is None or self.since >= self.every)
+            due = self.every > 0 and (not self.in_flight or self.since >= self.every)
             return len(sizes) if due else 0
         if not (self._link and self._forward and self._backward):
             return 0
         return self.affordable(sizes, statistics.median(self._link),
                                statistics.median(self._forward),
-                               statistics.median(self._backward))
+                               statistics.median(self._backward),
+                               statistics.median(self._lead) if self._lead else 0.0)
 
     def affordable(self, sizes: list[int], ms_per_byte: float, forward_ms: float,
-                   backward_ms: float) -> int:
-        """The most leading tensors whose copies the link serves in time. Forward: the stash and
-        the inputs offloaded since the previous stash, within the compute of those layers.
-        Backward: the stash and its layer's input come back while the layer after it runs its
-        backward."""
+                   backward_ms: float, lead_ms: float) -> int:
+        """The most leading tensors whose copies, with the layer input's, the link serves in time:
+        on top of the backlog within DEPTH - 1 calls of forward compute, and back within a
+        layer's backward and the recompute's lead."""
         count, nbytes = 0, 0
         for size in sizes:
             nbytes += size
-            forward = (nbytes + self.since * self._input_bytes) * ms_per_byte
-            backward = (nbytes + self._input_bytes) * ms_per_byte
-            if forward > self.since * forward_ms or backward > backward_ms:
+            link = (nbytes + self._input_bytes) * ms_per_byte
+            if (self._backlog_ms + link > (self.DEPTH - 1) * forward_ms
+                    or link > backward_ms + lead_ms):
                 break
             count += 1
         return count
 
     def fetching(self, stream: torch.cuda.Stream) -> None:
-        """The backward is about to wait on `stream` for a layer's offloaded tensors."""
+        """The backward is about to wait on `stream` for a layer's input."""
+        self._new_forward = True
         if self._fetch_mark is not None:
             self._pending.append((self._backward, self._fetch_mark, _timed_event(stream), 1))
 
     def fetched(self, stream: torch.cuda.Stream) -> None:
-        """... and has them: that layer's recompute and backward start."""
+        """... and has it: that layer's recompute and backward start."""
         self._fetch_mark = _timed_event(stream)
 
+    def reading(self, stream: torch.cuda.Stream) -> None:
+        """The recompute is about to wait on `stream` for its layer's stash."""
+        if self._fetch_mark is not None:
+            self._pending.append((self._lead, self._fetch_mark, _timed_event(stream), 1))
+
     def stashed(self, stream: torch.cuda.Stream, copied: torch.cuda.Event) -> None:
-        """A stash was queued; the compute stream may have waited for the one before it."""
+        """A stash was queued; the compute stream may have waited for an earlier one."""
         self.since = 0
-        self.copied = copied
+        self.in_flight.append(copied)
         self._mark = _timed_event(stream)  # the next layer's compute starts after the wait
 
 
@@ -310,6 +367,8 @@ class _Offloader:
     def begin(self) -> _Slot:
         """The slot of a checkpoint whose forward starts now."""
         previous = self._last if self._last is not None and not self._last.consumed else None
+        if self._last is not None:
+            self._last.resident_stashes = self._last.resident_input = None
         self._last = _Slot(previous=previous)
         return self._last
 
@@ -345,15 +404,18 @@ class _Offloader:
             buffers.append(buffer)
         # Recorded even when nothing is kept: the recompute's calls match the forward's in order.
         slot.stashes.append((name, len(buffers)))
+        if slot.resident_stashes is not None:
+            slot.resident_stashes.append(tensors)
         if buffers:
-            if self.planner.copied is not None:
-                current.wait_event(self.planner.copied)  # at most one stash in flight
+            if len(self.planner.in_flight) == self.planner.DEPTH:  # at most DEPTH in flight
+                current.wait_event(self.planner.in_flight[0])
             kept = list(tensors[:len(buffers)])
             self.planner.stashed(current, self._to_host(slot, kept, buffers, input=False))
         return len(buffers)
 
     def offload(self, slot: _Slot, tensor: torch.Tensor) -> None:
         """The layer input, after the forward: to the host, or kept on the device."""
+        slot.resident_input = tensor
         buffer = None
         if tensor.is_cuda:
             buffer = self.pool.acquire(tensor.numel() * tensor.element_size())
@@ -368,39 +430,80 @@ class _Offloader:
             self._to_host(slot, [tensor], [buffer], input=True)
 
     def prefetch(self, slot: _Slot | None, device: torch.device) -> None:
-        """Start copying slot's host tensors back to `device` on the side stream."""
+        """Start copying slot's host tensors back to `device` on the side stream, the input
+        first."""
         if slot is None or not slot.host or slot.prefetched is not None:
             return
         stream = self._stream(device)
         with torch.cuda.stream(stream):
             stream.wait_event(slot.copied)
-            slot.prefetched = [torch.empty(h.shape, dtype=h.dtype, device=device).copy_(
-                h, non_blocking=True) for h in slot.host]
+            slot.prefetched = [torch.empty(h.shape, dtype=h.dtype, device=device)
+                               for h in slot.host]
+            order = list(range(len(slot.host)))
+            if slot.device_tensor is None:  # the input is the last host tensor
+                order.insert(0, order.pop())
+            for i in order:
+                slot.prefetched[i].copy_(slot.host[i], non_blocking=True)
+                if i == len(slot.host) - 1 and slot.device_tensor is None:
+                    slot.input_ready = _timed_event(stream)
             slot.prefetch_done = torch.cuda.Event()
             slot.prefetch_done.record(stream)
 
-    def fetch(self, slot: _Slot, device: torch.device
-              ) -> tuple[torch.Tensor, list[tuple[str, tuple[torch.Tensor, ...]]]]:
-        """The slot's input and its stashes (name, tensors) on `device`, ready for use on the
-        current stream; starts bringing back what the backward needs next."""
+    def fetch(self, slot: _Slot, device: torch.device) -> tuple[torch.Tensor, "_Restored"]:
+        """The slot's input, ready for use on the current stream, and its stashes (ready once
+        `_Restored.take` has made the stream wait for them); starts bringing back what the
+        backward needs next."""
         slot.consumed = True
         previous, slot.previous = slot.previous, None
+        if slot.resident_input is not None:
+            stashes = [(name, tensors) for (name, _), tensors in zip(slot.stashes,
+                                                                     slot.resident_stashes)]
+            inputs, slot.resident_input, slot.resident_stashes = slot.resident_input, None, None
+            if inputs.is_cuda:
+                current = torch.cuda.current_stream(device)
+                self.planner.fetching(current)
+                self.planner.fetched(current)
+            self.prefetch(previous, device)
+            return inputs, _Restored(stashes, None, self.planner)
         tensors: list[torch.Tensor] = []
+        ready = None
         if slot.host:
             self.prefetch(slot, device)
             current = torch.cuda.current_stream(device)
             self.planner.fetching(current)
-            current.wait_event(slot.prefetch_done)
+            current.wait_event(slot.input_ready or slot.prefetch_done)
             self.planner.fetched(current)
             tensors, slot.prefetched = slot.prefetched, None
             for tensor in tensors:
                 tensor.record_stream(current)
+            ready = slot.prefetch_done
         self.prefetch(previous, device)
         stashes, at = [], 0
         for name, count in slot.stashes:
             stashes.append((name, tuple(tensors[at:at + count])))
             at += count
-        return (slot.device_tensor if slot.device_tensor is not None else tensors[-1]), stashes
+        inputs = slot.device_tensor if slot.device_tensor is not None else tensors[-1]
+        return inputs, _Restored(stashes, ready, self.planner)
+
+
+class _Restored:
+    """The stashes a recompute gets back, in order, and the event after their copies back."""
+
+    def __init__(self, stashes: list, ready: torch.cuda.Event | None, planner: _StashPlanner):
+        self.stashes, self.ready, self.planner = stashes, ready, planner
+
+    def take(self, name: str) -> tuple[torch.Tensor, ...]:
+        if self.stashes[0][0] != name:
+            raise RuntimeError(f"unsloth_ext: the recompute asked for stash {name!r} where its "
+                               f"forward stashed {self.stashes[0][0]!r}; the checkpointed "
+                               "function must make the same stash calls each time it runs")
+        tensors = self.stashes.pop(0)[1]
+        if tensors and self.ready is not None:
+            stream = torch.cuda.current_stream(tensors[0].device)
+            self.planner.reading(stream)
+            stream.wait_event(self.ready)
+            self.ready = None
+        return tensors
 
 
 def _default_pool_gib() -> float:
@@ -452,13 +555,7 @@ def stashed(name: str) -> tuple[torch.Tensor, ...]:
     call kept (on the device, the recompute's to modify), its leading ones; empty where it kept
     none. Calls match in order: the recompute makes the same stash calls as the forward did."""
     restored = _RESTORED.get()
-    if not restored:
-        return ()
-    if restored[0][0] != name:
-        raise RuntimeError(f"unsloth_ext: the recompute asked for stash {name!r} where its forward "
-                           f"stashed {restored[0][0]!r}; the checkpointed function must make the "
-                           "same stash calls each time it runs")
-    return restored.pop(0)[1]
+    return restored.take(name) if restored is not None and restored.stashes else ()
 
 
 def offload_pool() -> PinnedPool:
@@ -489,15 +586,16 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        hidden_states, stashes = _OFFLOADER.fetch(ctx.slot, ctx.device)
+        hidden_states, restored = _OFFLOADER.fetch(ctx.slot, ctx.device)
         hidden_states = hidden_states.detach().requires_grad_(True)
         devices = [ctx.device] if ctx.rng_cuda is not None else []
         with torch.random.fork_rng(devices=devices, device_type=ctx.device.type):
             torch.set_rng_state(ctx.rng_cpu)
             if ctx.rng_cuda is not None:
                 torch.cuda.set_rng_state(ctx.rng_cuda, ctx.device)
+            handed = _HANDOVER.set({})
             tokens = (_RECOMPUTING.set(ctx.function), _MEMO.set(ctx.memo),
-                      _RESTORED.set(stashes))
+                      _RESTORED.set(restored))
             try:
                 with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=ctx.autocast[1],
                                                          enabled=ctx.autocast[0]):
@@ -506,7 +604,10 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                 _RESTORED.reset(tokens[2])
                 _MEMO.reset(tokens[1])
                 _RECOMPUTING.reset(tokens[0])
-        torch.autograd.backward(output, grad_output)
+        try:
+            torch.autograd.backward(output, grad_output)
+        finally:
+            _HANDOVER.reset(handed)
         ctx.slot = ctx.memo = None
         return (None, hidden_states.grad) + (None,) * len(ctx.args)
 

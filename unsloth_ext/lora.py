@@ -27,9 +27,9 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from unsloth_ext.checkpointing import memoized, stash, stashed
+from unsloth_ext.checkpointing import handover, memoized, stash, stashed
 from unsloth_ext.nf4 import NF4Weight
-from unsloth_ext.ops._library import acc_dtype, check_float, check_nonempty
+from unsloth_ext.ops._library import acc_dtype, check_float, check_nonempty, check_same_device
 from unsloth_ext.ops.glu import geglu, geglu_backward_, swiglu, swiglu_backward_
 
 __all__ = ["LoraParts", "base_weight", "clear_dequant_buffers", "dropout_keep_mask",
@@ -94,10 +94,17 @@ def clear_dequant_buffers() -> None:
 
 def _dense(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
     """The weight as a dense `[out, in]` tensor in dtype; NF4 weights land in the shared buffer,
-    which the next call for the same device and dtype overwrites. A tensor in another dtype (under
-    autocast) is cast anew at each call rather than kept from forward to backward."""
+    which the next call for the same device and dtype overwrites, except in an offloaded
+    checkpoint's recompute, which dequantizes into a tensor of its own and hands it to the
+    backward through it (`checkpointing.handover`). A tensor in another dtype (under autocast) is
+    cast anew at each call rather than kept from forward to backward."""
     if isinstance(weight, torch.Tensor):
         return weight.to(dtype)
+    return handover(("dense weight", id(weight)), weight.dequantize,
+                    lambda: _dequantize_shared(weight))
+
+
+def _dequantize_shared(weight: NF4Weight) -> torch.Tensor:
     numel = math.prod(weight.shape)
     key = (weight.packed.device, weight.dtype)
     buffer = _DEQUANT_BUFFERS.get(key)
@@ -271,18 +278,21 @@ def _lora_down(X: torch.Tensor, projs: Sequence[_Projection]) -> list[torch.Tens
 
 def _project(X: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None,
              sxa: torch.Tensor | None, B: torch.Tensor | None,
-             out: torch.Tensor | None = None) -> torch.Tensor:
-    """X·Wᵀ + bias + sxa·Bᵀ, into out (a new tensor when None)."""
+             out: torch.Tensor | None = None, addend: torch.Tensor | None = None) -> torch.Tensor:
+    """addend + X·Wᵀ + bias + sxa·Bᵀ (addend: None or a tensor of the output's shape), into out
+    (a new tensor when None)."""
+    if bias is not None:
+        addend = bias if addend is None else addend + bias
     if sxa is None:
-        if bias is None:
+        if addend is None:
             return torch.mm(X, W.t(), out=out)
-        return torch.addmm(bias, X, W.t(), out=out)
-    # The rank-r product writes Y; the base GEMM then accumulates onto it, reading Y in its
-    # epilogue rather than in a separate elementwise pass.
-    if bias is None:
+        return torch.addmm(addend, X, W.t(), out=out)
+    # The rank-r product writes Y (onto the addend); the base GEMM then accumulates onto it,
+    # reading Y in its epilogue rather than in a separate elementwise pass.
+    if addend is None:
         Y = torch.mm(sxa, B.t(), out=out)
     else:
-        Y = torch.addmm(bias, sxa, B.t(), out=out)
+        Y = torch.addmm(addend, sxa, B.t(), out=out)
     return Y.addmm_(X, W.t())
 
 
@@ -423,12 +433,13 @@ class _Activation:
             return swiglu(e, g)
         return geglu(e, g, self.approximate)
 
-    def backward_(self, grad_h: torch.Tensor, e: torch.Tensor, g: torch.Tensor) -> None:
-        """Overwrites e with de and g with dg."""
+    def backward_(self, grad_h: torch.Tensor, e: torch.Tensor, g: torch.Tensor,
+                  store_h: bool) -> None:
+        """Overwrites e with de, g with dg and, with store_h, grad_h with h."""
         if self.name == "swiglu":
-            swiglu_backward_(grad_h, e, g)
+            swiglu_backward_(grad_h, e, g, store_h=store_h)
         else:
-            geglu_backward_(grad_h, e, g, self.approximate)
+            geglu_backward_(grad_h, e, g, self.approximate, store_h=store_h)
 
 
 # The MLP runs its down projection over row blocks so that h and its gradient exist one block at
@@ -451,9 +462,10 @@ def _rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
 
 
 def _mlp_down_forward(X: torch.Tensor, e: torch.Tensor, g: torch.Tensor, activation: _Activation,
-                      down: _Projection) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(Y, s·D(h)·A_downᵀ or None without LoRA): the down projection of h = act(e)·g, over row
-    blocks of h."""
+                      down: _Projection, residual: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(Y, s·D(h)·A_downᵀ or None without LoRA): the down projection of h = act(e)·g, plus the
+    residual when given, over row blocks of h."""
     rows_total = X.shape[0]
     Y = X.new_empty(rows_total, down.weight.shape[0])
     sha = X.new_empty(rows_total, down.A.shape[0]) if down.lora else None
@@ -465,7 +477,7 @@ def _mlp_down_forward(X: torch.Tensor, e: torch.Tensor, g: torch.Tensor, activat
             hd = _dropped(h, _rows(down.keep, rows), down.dropout_p)
             sha_rows = _scaled_mm(hd, down.A.t(), down.scaling, out=sha[rows])
             del hd
-        _project(h, W, down.bias, sha_rows, down.B, out=Y[rows])
+        _project(h, W, down.bias, sha_rows, down.B, out=Y[rows], addend=_rows(residual, rows))
         del h  # freed before the next block's h is allocated: one block exists at a time
     return Y, sha
 
@@ -476,9 +488,10 @@ _STASH_NAME = "lora mlp: gate and up outputs"
 class LoraMLP(torch.autograd.Function):
     """`Y = down(act(gate(X)) · up(X))` with X `[T, H]`, each projection a LoRA projection.
 
-    apply(X, statics, activation, compute_output, *tensors): statics holds (gate, up, down)
-    weights, scalings and dropout p's; tensors holds each projection's (bias, A, B, keep-mask);
-    the down projection's keep-mask is `[T, I]`. Saves X (when gate's or up's A needs a gradient),
+    apply(X, residual, statics, activation, compute_output, *tensors): residual None or
+    `[T, H_out]` in X's dtype, added to Y by the down projection's GEMMs (no pass of its own);
+    statics holds (gate, up, down) weights, scalings and dropout p's; tensors holds each
+    projection's (bias, A, B, keep-mask); the down projection's keep-mask is `[T, I]`. Saves X (when gate's or up's A needs a gradient),
     e = gate(X) and g = up(X) `[T, I]`, and per projection A and B in the compute dtype, the LoRA
     intermediate s·D(input)·Aᵀ `[T, r]` (when B needs a gradient) and the keep-mask. h is
     recomputed in backward, one row block at a time, and backward overwrites the saved e and g
@@ -486,15 +499,15 @@ class LoraMLP(torch.autograd.Function):
     change).
 
     compute_output False (the caller backpropagates through Y but never reads its values, as in
-    a checkpointed layer's recompute): forward stops after e and g and returns zeros, and backward
-    computes down's s·D(h)·Aᵀ from the h it recomputes.
+    a checkpointed layer's recompute): forward stops after e and g and returns zeros (one element,
+    expanded), and backward computes down's s·D(h)·Aᵀ from the h it recomputes.
 
     Inside an offloaded checkpoint the forward stashes e and g, or e alone, as the link allows
     (`checkpointing.stash`), and the recompute takes them back instead of running their GEMMs
     again."""
 
     @staticmethod
-    def forward(ctx, X, statics, activation, compute_output, *tensors):
+    def forward(ctx, X, residual, statics, activation, compute_output, *tensors):
         with torch.autocast(X.device.type, enabled=False):
             gate, up, down = _projections(statics, tensors, X.dtype)
             sxa_g, sxa_u = _lora_down(X, (gate, up))
@@ -506,10 +519,10 @@ class LoraMLP(torch.autograd.Function):
             if not restored:
                 stash(_STASH_NAME, e, g)
             if not compute_output:
-                Y, sha = X.new_zeros(X.shape[0], down.weight.shape[0]), None
+                Y, sha = X.new_zeros(()).expand(X.shape[0], down.weight.shape[0]), None
             else:
-                Y, sha = _mlp_down_forward(X, e, g, activation, down)
-        needs = _needs(ctx, 4, 3)
+                Y, sha = _mlp_down_forward(X, e, g, activation, down, residual)
+        needs = _needs(ctx, 5, 3)
         ctx.statics, ctx.activation = statics, activation
         ctx.dtypes = _param_dtypes(tensors)
         ctx.save_for_backward(X if needs[0][1] or needs[1][1] else None, e, g,
@@ -521,7 +534,7 @@ class LoraMLP(torch.autograd.Function):
     def backward(ctx, dY):
         X, e, g, *saved = ctx.saved_tensors
         tensors, (sxa_g, sxa_u, sha) = _unpack_projection_tensors(saved)
-        needs = _needs(ctx, 4, 3)
+        needs = _needs(ctx, 5, 3)
         gate_up_dtypes, down_dtypes = (ctx.dtypes[:2 * _PER_PROJECTION],
                                        ctx.dtypes[2 * _PER_PROJECTION:])
         with torch.autocast(dY.device.type, enabled=False):
@@ -535,31 +548,33 @@ class LoraMLP(torch.autograd.Function):
             dz = _scaled_mm(dY, down.B, down.scaling) if down.lora else None
             dA = None  # summed over the row blocks in fp32
             W = _dense(down.weight, dY.dtype)
+            need_h = need_A or rebuild_sha
             for rows in _row_blocks(e.shape[0], e.shape[1]):
                 keep = _rows(down.keep, rows)
-                # h is recomputed and released before dh exists: one [rows, I] block at a time.
-                if need_A or rebuild_sha:
-                    h = _dropped(ctx.activation.forward(e[rows], g[rows]), keep,
-                                 down.dropout_p, inplace=True)
+                if dz is None:
+                    dh = torch.mm(dY[rows], W)
+                else:
+                    dh = _dropped(torch.mm(dz[rows], down.A), keep, down.dropout_p, inplace=True)
+                    dh.addmm_(dY[rows], W)
+                # The activation's backward also recomputes h (when needed) into dh's block:
+                # one [rows, I] block at a time, and e and g are read once.
+                ctx.activation.backward_(dh, e[rows], g[rows], store_h=need_h)
+                if need_h:
+                    h = _dropped(dh, keep, down.dropout_p, inplace=True)
                     if need_A:
                         part = _grad_mm(dz[rows].t(), h, acc_dtype(dY.dtype))
                         dA = part if dA is None else dA.add_(part)
                     if rebuild_sha:
                         _scaled_mm(h, down.A.t(), down.scaling, out=sha[rows])
                     del h
-                if dz is None:
-                    dh = torch.mm(dY[rows], W)
-                else:
-                    dh = _dropped(torch.mm(dz[rows], down.A), keep, down.dropout_p, inplace=True)
-                    dh.addmm_(dY[rows], W)
-                ctx.activation.backward_(dh, e[rows], g[rows])
                 del dh
             dB = _grad_mm(dY.t(), sha, down_dtypes[_B]) if need_B else None
             # e and g now hold their gradients.
             dX, grads = _projections_backward(X, (gate, up), (sxa_g, sxa_u), (e, g), needs[:2],
                                               gate_up_dtypes, ctx.needs_input_grad[0])
         dA = None if dA is None else dA.to(down_dtypes[_A])
-        return (dX, None, None, None, *grads, dbias, dA, dB, None)
+        dresidual = dY if ctx.needs_input_grad[1] else None
+        return (dX, dresidual, None, None, None, *grads, dbias, dA, dB, None)
 
 
 # --- wrappers -------------------------------------------------------------------------------------
@@ -736,7 +751,7 @@ _APPROXIMATIONS = ("none", "tanh")
 def lora_mlp(X: torch.Tensor, gate: LoraParts, up: LoraParts, down: LoraParts,
              activation: str = "swiglu", approximate: str = "none",
              dropout_masks: Sequence[torch.Tensor | None] | None = None, *,
-             compute_output: bool = True) -> torch.Tensor:
+             compute_output: bool = True, residual: torch.Tensor | None = None) -> torch.Tensor:
     """`down(act(gate(X)) · up(X))` for X `[..., H]`: gate and up `[I, H]`, down `[H_out, I]`.
 
     activation "swiglu" (act = SiLU: Llama, Mistral, Qwen) or "geglu" (act = GELU with
@@ -748,6 +763,10 @@ def lora_mlp(X: torch.Tensor, gate: LoraParts, up: LoraParts, down: LoraParts,
     its values (a checkpointed layer recomputed in backward, whose output only carries the
     gradient): the down projection's forward is skipped and the result holds zeros; the gradients
     are those of the full computation.
+
+    residual (`[..., H_out]`, or None): returns `residual + down(...)`. In X's compute dtype the
+    down projection's GEMMs add it as they write their output (no pass of its own); in another
+    dtype it is added afterwards, in the promoted dtype, as `residual + mlp(x)` computes it.
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation is {activation!r}; expected one of {_ACTIVATIONS}")
@@ -767,10 +786,19 @@ def lora_mlp(X: torch.Tensor, gate: LoraParts, up: LoraParts, down: LoraParts,
     keeps = _keep_masks((gate, up, down), dropout_masks,
                         (tuple(X.shape), tuple(X.shape), lead + (intermediate,)), X,
                         ("gate.dropout_mask", "up.dropout_mask", "down.dropout_mask"))
+    out_shape = lead + (down.shape[0],)
+    if residual is not None:
+        check_float(residual, "residual")
+        check_same_device(residual, X, "residual", "X")
+        if tuple(residual.shape) != out_shape:
+            raise ValueError(f"residual has shape {tuple(residual.shape)}, expected {out_shape}")
+    fold = residual is not None and residual.dtype == X.dtype
     statics, tensors = _flatten((gate, up, down), keeps)
-    Y = LoraMLP.apply(X.reshape(-1, X.shape[-1]), statics, _Activation(activation, approximate),
-                      bool(compute_output), *tensors)
-    return Y.view(*lead, Y.shape[-1])
+    Y = LoraMLP.apply(X.reshape(-1, X.shape[-1]),
+                      residual.reshape(-1, out_shape[-1]) if fold else None, statics,
+                      _Activation(activation, approximate), bool(compute_output), *tensors)
+    Y = Y.view(out_shape)
+    return residual + Y if residual is not None and not fold else Y
 
 
 # --- PEFT -----------------------------------------------------------------------------------------

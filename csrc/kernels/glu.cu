@@ -97,14 +97,15 @@ struct GluFwdOp {
 };
 
 // grad_g = grad_h * round(act(e)), grad_e = round(grad_h * g) * act'(e): the values autograd
-// computes through round(act(e)) * g in e's dtype.
-template <typename T_, GluActivation ACT>
+// computes through round(act(e)) * g in e's dtype. kStoreH: also h = round(act(e)) * g, computed
+// as GluFwdOp computes it.
+template <typename T_, GluActivation ACT, bool kStoreH>
 struct GluBwdOp {
   using T = T_;
   using A = acc_t<T>;
   using Params = GluBwdParams;
   static constexpr int kIn = 3;  // grad_h, e, g
-  static constexpr int kOut = 2;  // grad_e, grad_g
+  static constexpr int kOut = kStoreH ? 3 : 2;  // grad_e, grad_g (, h)
 
   __device__ static void row_pointers(const Params& p, int64_t row, const T* (&in)[kIn],
                                       T* (&out)[kOut]) {
@@ -113,6 +114,7 @@ struct GluBwdOp {
     in[2] = static_cast<const T*>(p.g) + row * p.g_row_stride;
     out[0] = static_cast<T*>(p.grad_e) + row * p.grad_e_row_stride;
     out[1] = static_cast<T*>(p.grad_g) + row * p.grad_g_row_stride;
+    if constexpr (kStoreH) out[2] = static_cast<T*>(p.h) + row * p.h_row_stride;
   }
 
   template <int VEC>
@@ -131,6 +133,7 @@ struct GluBwdOp {
     for (int k = 0; k < VEC; ++k) {
       y[0][k] = grad_act[k] * grad[k];
       y[1][k] = x[0][k] * act[k];
+      if constexpr (kStoreH) y[2][k] = act[k] * x[2][k];
     }
   }
 };
@@ -268,11 +271,20 @@ void glu_fwd_launch(const GluFwdParams& p, cudaStream_t stream) {
 
 void glu_bwd_launch(const GluBwdParams& p, cudaStream_t stream) {
   dispatch_glu(p.dtype, p.act, [&](auto t, auto act) {
-    launch<GluBwdOp<typename decltype(t)::type, act.value>>(
-        p, {p.grad_h, p.e, p.g, p.grad_e, p.grad_g},
-        {p.grad_h_row_stride, p.e_row_stride, p.g_row_stride, p.grad_e_row_stride,
-         p.grad_g_row_stride},
-        stream);
+    dispatch_flag(p.h != nullptr, [&](auto store_h) {
+      using Op = GluBwdOp<typename decltype(t)::type, act.value, store_h.value>;
+      if constexpr (store_h.value) {
+        launch<Op>(p, {p.grad_h, p.e, p.g, p.grad_e, p.grad_g, p.h},
+                   {p.grad_h_row_stride, p.e_row_stride, p.g_row_stride, p.grad_e_row_stride,
+                    p.grad_g_row_stride, p.h_row_stride},
+                   stream);
+      } else {
+        launch<Op>(p, {p.grad_h, p.e, p.g, p.grad_e, p.grad_g},
+                   {p.grad_h_row_stride, p.e_row_stride, p.g_row_stride, p.grad_e_row_stride,
+                    p.grad_g_row_stride},
+                   stream);
+      }
+    });
   });
 }
 

@@ -27,14 +27,16 @@ struct GluFwdParams {
   DType dtype;
 };
 
-// grad_e and grad_g may be e and g themselves (the in-place backward): each element is read
-// before it is written, by the same thread.
+// grad_e, grad_g and h may be e, g and grad_h themselves (the in-place backward): each element is
+// read before it is written, by the same thread. h (nullptr: not written) receives the forward's
+// output act(e) * g, the same values the forward writes.
 struct GluBwdParams {
   const void* grad_h;
   const void* e;
   const void* g;
   void* grad_e;
   void* grad_g;
+  void* h;
   int64_t rows;
   int64_t cols;
   int64_t grad_h_row_stride;
@@ -42,6 +44,7 @@ struct GluBwdParams {
   int64_t g_row_stride;
   int64_t grad_e_row_stride;
   int64_t grad_g_row_stride;
+  int64_t h_row_stride;
   GluActivation act;
   DType dtype;
 };

@@ -92,16 +92,19 @@ at::Tensor glu_fwd(const at::Tensor& e, const at::Tensor& g, GluActivation act) 
   return h;
 }
 
-// The backward over row views; grad_e and grad_g may be the rows of e and g themselves.
+// The backward over row views; grad_e and grad_g may be the rows of e and g themselves, and hr
+// (nullptr: h not written) those of grad_h.
 void glu_bwd(const Rows& dhr, const Rows& er, const Rows& gr, const Rows& der, const Rows& dgr,
-             GluActivation act) {
-  const GluShape shape = glu_shape(er, {&dhr, &er, &gr, &der, &dgr});
+             const Rows* hr, GluActivation act) {
+  const GluShape shape = hr == nullptr ? glu_shape(er, {&dhr, &er, &gr, &der, &dgr})
+                                       : glu_shape(er, {&dhr, &er, &gr, &der, &dgr, hr});
   GluBwdParams p{};
   p.grad_h = dhr.tensor.data_ptr();
   p.e = er.tensor.data_ptr();
   p.g = gr.tensor.data_ptr();
   p.grad_e = der.tensor.data_ptr();
   p.grad_g = dgr.tensor.data_ptr();
+  p.h = hr == nullptr ? nullptr : hr->tensor.data_ptr();
   p.rows = shape.rows;
   p.cols = shape.cols;
   p.grad_h_row_stride = dhr.row_stride;
@@ -109,6 +112,7 @@ void glu_bwd(const Rows& dhr, const Rows& er, const Rows& gr, const Rows& der, c
   p.g_row_stride = gr.row_stride;
   p.grad_e_row_stride = der.row_stride;
   p.grad_g_row_stride = dgr.row_stride;
+  p.h_row_stride = hr == nullptr ? 0 : hr->row_stride;
   p.act = act;
   p.dtype = to_dtype(er.tensor, "e");
   glu_bwd_launch(p, current_stream());
@@ -124,24 +128,31 @@ std::tuple<at::Tensor, at::Tensor> glu_bwd_out(const at::Tensor& grad_h, const a
   at::Tensor grad_e = at::empty(e.sizes(), e.options());
   at::Tensor grad_g = at::empty(g.sizes(), g.options());
   glu_bwd(as_rows(grad_h), er, as_rows(g), Rows{grad_e, er.rows, er.cols, er.cols},
-          Rows{grad_g, er.rows, er.cols, er.cols}, act);
+          Rows{grad_g, er.rows, er.cols, er.cols}, nullptr, act);
   return {grad_e, grad_g};
 }
 
-// An operand without a row layout is computed in a contiguous copy, then copied back.
-void glu_bwd_inplace(const at::Tensor& grad_h, at::Tensor& e, at::Tensor& g, GluActivation act) {
+// An operand without a row layout is computed in a contiguous copy, then copied back. store_h:
+// grad_h receives h.
+void glu_bwd_inplace(at::Tensor& grad_h, at::Tensor& e, at::Tensor& g, bool store_h,
+                     GluActivation act) {
   check_glu_inputs(e, g);
   check_grad_h(grad_h, e);
   check_writable(e, "e", g, "g");
   check_writable(g, "g", e, "e");
   check_writable(e, "e", grad_h, "grad_h");
   check_writable(g, "g", grad_h, "grad_h");
+  if (store_h) TORCH_CHECK_VALUE(at::has_internal_overlap(grad_h) != at::MemOverlap::Yes,
+                                 "grad_h has elements that share memory (an expanded view?); "
+                                 "with store_h the in-place backward writes h into it");
   const c10::cuda::CUDAGuard guard(e.device());
+  const Rows dhr = as_rows(grad_h);
   const Rows er = as_rows(e);
   const Rows gr = as_rows(g);
-  glu_bwd(as_rows(grad_h), er, gr, er, gr, act);
+  glu_bwd(dhr, er, gr, er, gr, store_h ? &dhr : nullptr, act);
   if (!er.tensor.is_same(e)) e.copy_(er.tensor);
   if (!gr.tensor.is_same(g)) g.copy_(gr.tensor);
+  if (store_h && !dhr.tensor.is_same(grad_h)) grad_h.copy_(dhr.tensor);
 }
 
 }  // namespace
@@ -157,9 +168,9 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& grad_h, const at
   return glu_bwd_out(grad_h, e, g, GluActivation::kSilu);
 }
 
-void swiglu_bwd_(const at::Tensor& grad_h, at::Tensor& e, at::Tensor& g) {
+void swiglu_bwd_(at::Tensor& grad_h, at::Tensor& e, at::Tensor& g, bool store_h) {
   NvtxRange range("unsloth_ext::swiglu_bwd_");
-  glu_bwd_inplace(grad_h, e, g, GluActivation::kSilu);
+  glu_bwd_inplace(grad_h, e, g, store_h, GluActivation::kSilu);
 }
 
 at::Tensor geglu_fwd(const at::Tensor& e, const at::Tensor& g, c10::string_view approximate) {
@@ -173,10 +184,10 @@ std::tuple<at::Tensor, at::Tensor> geglu_bwd(const at::Tensor& grad_h, const at:
   return glu_bwd_out(grad_h, e, g, gelu_activation(approximate));
 }
 
-void geglu_bwd_(const at::Tensor& grad_h, at::Tensor& e, at::Tensor& g,
-                c10::string_view approximate) {
+void geglu_bwd_(at::Tensor& grad_h, at::Tensor& e, at::Tensor& g, c10::string_view approximate,
+                bool store_h) {
   NvtxRange range("unsloth_ext::geglu_bwd_");
-  glu_bwd_inplace(grad_h, e, g, gelu_activation(approximate));
+  glu_bwd_inplace(grad_h, e, g, store_h, gelu_activation(approximate));
 }
 
 }  // namespace unsloth_ext

@@ -32,12 +32,12 @@ void rope_bwd(at::Tensor& grad_q, at::Tensor& grad_k, const at::Tensor& cos,
 at::Tensor swiglu_fwd(const at::Tensor& e, const at::Tensor& g);
 std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& grad_h, const at::Tensor& e,
                                               const at::Tensor& g);
-void swiglu_bwd_(const at::Tensor& grad_h, at::Tensor& e, at::Tensor& g);
+void swiglu_bwd_(at::Tensor& grad_h, at::Tensor& e, at::Tensor& g, bool store_h);
 at::Tensor geglu_fwd(const at::Tensor& e, const at::Tensor& g, c10::string_view approximate);
 std::tuple<at::Tensor, at::Tensor> geglu_bwd(const at::Tensor& grad_h, const at::Tensor& e,
                                              const at::Tensor& g, c10::string_view approximate);
-void geglu_bwd_(const at::Tensor& grad_h, at::Tensor& e, at::Tensor& g,
-                c10::string_view approximate);
+void geglu_bwd_(at::Tensor& grad_h, at::Tensor& e, at::Tensor& g, c10::string_view approximate,
+                bool store_h);
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits,
                                                      const at::Tensor& labels, int64_t vocab_start,
                                                      int64_t vocab_size, int64_t ignore_index,

@@ -184,13 +184,39 @@ def _check_labels(labels: torch.Tensor, leading_shape: torch.Size, device: torch
         raise ValueError(f"labels is on {labels.device} but {what} is on {device}")
 
 
+def _bad_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> torch.Tensor:
+    return (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+
+
 def _check_label_values(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
     """Every label is a class or ignore_index (one device-to-host copy of a flag)."""
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    bad = _bad_labels(labels, vocab_size, ignore_index)
     if bad.any():
         where = bad.nonzero()[0].tolist()
         raise ValueError(f"labels{where} is {labels[tuple(where)].item()}; expected a class "
                          f"index in [0, {vocab_size}) or ignore_index ({ignore_index})")
+
+
+def start_label_check(labels: torch.Tensor, vocab_size: int,
+                      ignore_index: int = -100) -> Callable[[], None]:
+    """The label check of `fused_linear_cross_entropy`, started now and finished by the function
+    it returns, which raises the same error for a bad label. On CUDA the device computes a flag
+    behind its queued work and copies it to pinned host memory; the returned function waits for
+    that copy only. Started before a model's forward and finished after it, the check costs no
+    wait, where a check at the end of the forward would wait for the copy engine behind the
+    offloaded checkpoint's transfers. Pass check_labels=False to the loss after finishing it."""
+    if not labels.is_cuda:
+        return lambda: _check_label_values(labels, vocab_size, ignore_index)
+    flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+    flag.copy_(_bad_labels(labels, vocab_size, ignore_index).any(), non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def finish() -> None:
+        copied.synchronize()
+        if flag.item():
+            _check_label_values(labels, vocab_size, ignore_index)  # names the first bad label
+    return finish
 
 
 # --- cross_entropy ---------------------------------------------------------------------------

@@ -70,11 +70,16 @@ def _check_writable(t: torch.Tensor, name: str, others: dict[str, torch.Tensor])
 
 
 def _write_back(grads: tuple[torch.Tensor, torch.Tensor], grad_h: torch.Tensor, e: torch.Tensor,
-                g: torch.Tensor) -> None:
+                g: torch.Tensor, h: torch.Tensor | None) -> None:
+    """grad_e into e, grad_g into g and, when h is given, h into grad_h."""
     _check_writable(e, "e", {"g": g, "grad_h": grad_h})
     _check_writable(g, "g", {"e": e, "grad_h": grad_h})
+    if h is not None:
+        _check_writable(grad_h, "grad_h", {})
     e.copy_(grads[0])
     g.copy_(grads[1])
+    if h is not None:
+        grad_h.copy_(h)
 
 
 def swiglu_reference(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -88,9 +93,12 @@ def swiglu_bwd_reference(grad_h: torch.Tensor, e: torch.Tensor,
     return _glu_bwd(grad_h, e, g, F.silu(e), _silu_grad)
 
 
-def swiglu_bwd_inplace_reference(grad_h: torch.Tensor, e: torch.Tensor, g: torch.Tensor) -> None:
-    """swiglu_bwd_reference, with grad_e written into e and grad_g into g."""
-    _write_back(swiglu_bwd_reference(grad_h, e, g), grad_h, e, g)
+def swiglu_bwd_inplace_reference(grad_h: torch.Tensor, e: torch.Tensor, g: torch.Tensor,
+                                 store_h: bool = False) -> None:
+    """swiglu_bwd_reference, with grad_e written into e, grad_g into g and, with store_h,
+    `swiglu(e, g)` into grad_h."""
+    h = swiglu_reference(e, g) if store_h else None
+    _write_back(swiglu_bwd_reference(grad_h, e, g), grad_h, e, g, h)
 
 
 def geglu_reference(e: torch.Tensor, g: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -106,9 +114,11 @@ def geglu_bwd_reference(grad_h: torch.Tensor, e: torch.Tensor, g: torch.Tensor,
 
 
 def geglu_bwd_inplace_reference(grad_h: torch.Tensor, e: torch.Tensor, g: torch.Tensor,
-                                approximate: str = "none") -> None:
-    """geglu_bwd_reference, with grad_e written into e and grad_g into g."""
-    _write_back(geglu_bwd_reference(grad_h, e, g, approximate), grad_h, e, g)
+                                approximate: str = "none", store_h: bool = False) -> None:
+    """geglu_bwd_reference, with grad_e written into e, grad_g into g and, with store_h,
+    `geglu(e, g, approximate)` into grad_h."""
+    h = geglu_reference(e, g, approximate) if store_h else None
+    _write_back(geglu_bwd_reference(grad_h, e, g, approximate), grad_h, e, g, h)
 
 
 # --- public wrappers ------------------------------------------------------------------------------
@@ -153,20 +163,24 @@ def swiglu(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return swiglu_reference(e, g)
 
 
-def swiglu_backward_(grad_h: torch.Tensor, e: torch.Tensor, g: torch.Tensor) -> None:
+def swiglu_backward_(grad_h: torch.Tensor, e: torch.Tensor, g: torch.Tensor, *,
+                     store_h: bool = False) -> None:
     """Backward of `swiglu` written over its inputs: e receives grad_e and g receives grad_g.
 
     e and g are overwritten (each element of the forward inputs is read before it is replaced),
-    which spares a caller that owns them two allocations of their size. grad_h, e and g: one shape,
-    dtype and device, as in `swiglu`; e and g must not share memory with each other or with
-    grad_h. Not differentiable: call it where autograd does not record, such as in a backward.
+    which spares a caller that owns them two allocations of their size. With store_h, grad_h is
+    overwritten too, with h = `swiglu(e, g)` (the forward's values, bit for bit), for a caller
+    that needs h after the backward and would otherwise run the forward again. grad_h, e and g:
+    one shape, dtype and device, as in `swiglu`; e and g must not share memory with each other or
+    with grad_h. Not differentiable: call it where autograd does not record, such as in a
+    backward.
     """
     _check_operands(e, g)
     _check_grad_h(grad_h, e)
     if use_kernel("swiglu", e):
-        op("swiglu_bwd_")(grad_h, e, g)
+        op("swiglu_bwd_")(grad_h, e, g, store_h=store_h)
     else:
-        swiglu_bwd_inplace_reference(grad_h, e, g)
+        swiglu_bwd_inplace_reference(grad_h, e, g, store_h)
 
 
 def geglu(e: torch.Tensor, g: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -183,16 +197,17 @@ def geglu(e: torch.Tensor, g: torch.Tensor, approximate: str = "none") -> torch.
 
 
 def geglu_backward_(grad_h: torch.Tensor, e: torch.Tensor, g: torch.Tensor,
-                    approximate: str = "none") -> None:
+                    approximate: str = "none", *, store_h: bool = False) -> None:
     """Backward of `geglu` written over its inputs, as `swiglu_backward_`: e receives grad_e and g
-    receives grad_g, both overwritten."""
+    receives grad_g, both overwritten, and with store_h grad_h receives `geglu(e, g,
+    approximate)`."""
     _check_operands(e, g)
     _check_grad_h(grad_h, e)
     _check_approximate(approximate)
     if use_kernel("geglu", e):
-        op("geglu_bwd_")(grad_h, e, g, approximate)
+        op("geglu_bwd_")(grad_h, e, g, approximate, store_h=store_h)
     else:
-        geglu_bwd_inplace_reference(grad_h, e, g, approximate)
+        geglu_bwd_inplace_reference(grad_h, e, g, approximate, store_h)
 
 
 # --- registration ---------------------------------------------------------------------------------
@@ -206,7 +221,7 @@ def _fake_bwd(grad_h, e, g, *_approximate):
             torch.empty_like(g, memory_format=torch.contiguous_format))
 
 
-def _fake_bwd_inplace(grad_h, e, g, *_approximate):
+def _fake_bwd_inplace(grad_h, e, g, *_approximate_store_h):
     return None
 
 

@@ -49,8 +49,10 @@ def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
-def mlp_forward(self, x: torch.Tensor, compute_output: bool = True) -> torch.Tensor:
-    """The fused LoRA MLP; compute_output=False: see `lora_mlp` (the stock fallback ignores it)."""
+def mlp_forward(self, x: torch.Tensor, compute_output: bool = True,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused LoRA MLP, plus residual when given; compute_output=False: see `lora_mlp` (the
+    stock fallback ignores it)."""
     from unsloth_ext.lora import lora_mlp
 
     activation = _ACTIVATIONS.get(self.config.hidden_act)
@@ -60,9 +62,10 @@ def mlp_forward(self, x: torch.Tensor, compute_output: bool = True) -> torch.Ten
         parts = (_parts(self.gate_proj), _parts(self.up_proj), _parts(self.down_proj))
     except (TypeError, ValueError) as exc:
         _fallback(f"MLP not fused: {exc}")
-        return type(self).forward(self, x)
+        out = type(self).forward(self, x)
+        return out if residual is None else residual + out
     return lora_mlp(x, *parts, activation=activation[0], approximate=activation[1],
-                    compute_output=compute_output)
+                    compute_output=compute_output, residual=residual)
 
 
 def _rope_positions(cos: torch.Tensor, seq: int) -> torch.Tensor:
@@ -126,9 +129,10 @@ def decoder_layer_forward(self, hidden_states: torch.Tensor, attention_mask=None
                                            norm.weight, norm.variance_epsilon)
     # Recomputed in an offloaded checkpoint's backward, the layer's output only carries the
     # gradient, so neither the MLP's output values (its down projection) nor the sum is computed.
+    # Otherwise the MLP's down projection adds the residual as it writes its output.
     if recomputing(self):
         return gradient_sum(residual, self.mlp(hidden_states, compute_output=False))
-    return residual + self.mlp(hidden_states)
+    return self.mlp(hidden_states, residual=residual)
 
 
 def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None,
@@ -138,7 +142,7 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     cross-entropy and no logits are returned (they never exist in full)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from unsloth_ext.ops.cross_entropy import fused_linear_cross_entropy
+    from unsloth_ext.ops.cross_entropy import fused_linear_cross_entropy, start_label_check
 
     if labels is None or not self.training:
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
@@ -147,17 +151,21 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
                                   logits_to_keep=logits_to_keep, **kwargs)
     num_items = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)
+    if shift_labels is None:
+        # Token t predicts label t+1; the last position has no target (as transformers pads).
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    head = self.lm_head.weight
+    shift_labels = shift_labels.reshape(-1).to(head.device)
+    # The label check runs beside the forward rather than after it (see start_label_check).
+    finish_label_check = start_label_check(shift_labels, head.shape[0])
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, past_key_values=past_key_values,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
     hidden = outputs.last_hidden_state
-    if shift_labels is None:
-        # Token t predicts label t+1; the last position has no target (as transformers pads).
-        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    finish_label_check()
     loss = fused_linear_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight,
-        shift_labels.reshape(-1).to(hidden.device), bias=self.lm_head.bias,
-        num_items_in_batch=num_items)
+        hidden.reshape(-1, hidden.shape[-1]), head, shift_labels.to(hidden.device),
+        bias=self.lm_head.bias, num_items_in_batch=num_items, check_labels=False)
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                   hidden_states=outputs.hidden_states,
                                   attentions=outputs.attentions)
