@@ -576,6 +576,18 @@ def test_gradcheck_lora_mlp(activation, approximate, blocks, monkeypatch):
         assert torch.autograd.gradcheck(mlp, (X, *tensors))
 
 
+def _makers(device, dtype):
+    """t(*shape, grad=True): a random tensor; weight(*shape): a frozen one, NF4 on CUDA."""
+    def t(*shape, grad=True):
+        return (0.5 * torch.randn(*shape, device=device)).to(dtype).requires_grad_(grad)
+
+    def weight(*shape):
+        w = t(*shape, grad=False)
+        return quantize_nf4(w) if device == "cuda" else w
+
+    return t, weight
+
+
 @pytest.mark.parametrize("frozen_down_A", [False, True])
 @pytest.mark.parametrize("blocks", ["one", "several"])
 @pytest.mark.parametrize("device,dtype", [("cpu", torch.float64),
@@ -589,13 +601,7 @@ def test_mlp_without_output_gives_the_same_gradients(device, dtype, blocks, froz
         monkeypatch.setattr(lora, "_MIN_BLOCK_ELEMENTS", 1)
     torch.manual_seed(0)
 
-    def t(*shape, grad=True):
-        return (0.5 * torch.randn(*shape, device=device)).to(dtype).requires_grad_(grad)
-
-    def weight(*shape):
-        w = t(*shape, grad=False)
-        return quantize_nf4(w) if device == "cuda" else w
-
+    t, weight = _makers(device, dtype)
     hidden, inter = 64, 192
     X = t(2, 5, hidden)
     Wg, Wu, Wd = weight(inter, hidden), weight(inter, hidden), weight(hidden, inter)
@@ -630,13 +636,7 @@ def test_mlp_adds_the_residual_in_its_down_projection(device, dtype, monkeypatch
     monkeypatch.setattr(lora, "_MIN_BLOCK_ELEMENTS", 1)
     torch.manual_seed(0)
 
-    def t(*shape, grad=True):
-        return (0.5 * torch.randn(*shape, device=device)).to(dtype).requires_grad_(grad)
-
-    def weight(*shape):
-        w = t(*shape, grad=False)
-        return quantize_nf4(w) if device == "cuda" else w
-
+    t, weight = _makers(device, dtype)
     hidden, inter = 64, 192
     X, R = t(2, 5, hidden), t(2, 5, hidden)
     gate = LoraParts(weight(inter, hidden), None, t(3, hidden), t(inter, 3), 0.5)

@@ -25,14 +25,13 @@ up outputs, so the recompute skips their GEMMs). A call may keep a leading part 
 only, so the recompute computes the rest. Stashing is paid in host-link traffic, and before a
 stash copy starts the compute stream waits for the one three stashes back to finish (at most
 three are in flight, whatever the link's speed). In the backward a layer's input comes back
-first: its recompute starts before its stash is back, and waits for it where it reads it.
-What each call
-stashes is set by `configure_offload(stash=...)` or `UNSLOTH_EXT_STASH`: "auto" (default) keeps
-at a call the most leading tensors that the link, at the speed measured on earlier copies, moves
-in time: in the forward, with the copies already queued (stashes and layer inputs), within two
-layers' compute as measured, so the wait costs nothing; in the backward, within the backward of
-the layer after it and its own recompute's lead to the stash. An integer n stashes all tensors at
-every n-th call; "off" none.
+first: its recompute starts before its stash is back, and waits for it where it reads it. What
+each call stashes is set by `configure_offload(stash=...)` or `UNSLOTH_EXT_STASH`: "auto"
+(default) keeps at a call the most leading tensors that the link, at the speed measured on
+earlier copies, moves in time: in the forward, with the copies already queued (stashes and layer
+inputs), within two layers' compute as measured, so the wait costs nothing; in the backward,
+within the backward of the layer after it and its own recompute's lead to the stash. An integer
+n stashes all tensors at every n-th call; "off" none.
 
 Pinned host memory comes from a bounded pool (`configure_offload(pool_bytes=...)` or
 `UNSLOTH_EXT_OFFLOAD_POOL_GB`; by default a quarter of the host's memory, at most 32 GiB, and
@@ -248,13 +247,12 @@ class _StashPlanner:
     DEPTH - 1 calls of compute once this stash and its layer's input are queued, so the stash
     DEPTH calls back, which the compute waits for before queueing another, is done a call before
     then: a link that falls behind the plan costs a stash of device memory before it costs a
-    wait. Backward:
-    a layer's input and its stash come back (input first) while the layer after it runs its
-    backward and its own recompute reaches the stash. Link speed (ms per byte, from the offload
-    copies), the compute per call (ms between stash() calls in the forward, between fetches in
-    the backward, waits left out) and the recompute's lead (from a fetch to its stash's read)
-    are medians of recent samples, read from timing events once the GPU has passed them; until
-    there are some (the first step), nothing is stashed."""
+    wait. Backward: a layer's input and its stash come back (input first) while the layer after
+    it runs its backward and its own recompute reaches the stash. Link speed (ms per byte, from
+    the offload copies), the compute per call (ms between stash() calls in the forward, between
+    fetches in the backward, waits left out) and the recompute's lead (from a fetch to its
+    stash's read) are medians of recent samples, read from timing events once the GPU has passed
+    them; until there are some (the first step), nothing is stashed."""
 
     DEPTH = 3  # stash copies in flight
     _SAMPLES = 16
