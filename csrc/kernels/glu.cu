@@ -270,20 +270,16 @@ void glu_fwd_launch(const GluFwdParams& p, cudaStream_t stream) {
 }
 
 void glu_bwd_launch(const GluBwdParams& p, cudaStream_t stream) {
+  // Without h, its place in the layout checks repeats grad_h's, which changes none of them.
+  const void* h = p.h != nullptr ? p.h : p.grad_h;
+  const int64_t h_row_stride = p.h != nullptr ? p.h_row_stride : p.grad_h_row_stride;
   dispatch_glu(p.dtype, p.act, [&](auto t, auto act) {
     dispatch_flag(p.h != nullptr, [&](auto store_h) {
-      using Op = GluBwdOp<typename decltype(t)::type, act.value, store_h.value>;
-      if constexpr (store_h.value) {
-        launch<Op>(p, {p.grad_h, p.e, p.g, p.grad_e, p.grad_g, p.h},
-                   {p.grad_h_row_stride, p.e_row_stride, p.g_row_stride, p.grad_e_row_stride,
-                    p.grad_g_row_stride, p.h_row_stride},
-                   stream);
-      } else {
-        launch<Op>(p, {p.grad_h, p.e, p.g, p.grad_e, p.grad_g},
-                   {p.grad_h_row_stride, p.e_row_stride, p.g_row_stride, p.grad_e_row_stride,
-                    p.grad_g_row_stride},
-                   stream);
-      }
+      launch<GluBwdOp<typename decltype(t)::type, act.value, store_h.value>>(
+          p, {p.grad_h, p.e, p.g, p.grad_e, p.grad_g, h},
+          {p.grad_h_row_stride, p.e_row_stride, p.g_row_stride, p.grad_e_row_stride,
+           p.grad_g_row_stride, h_row_stride},
+          stream);
     });
   });
 }
