@@ -5,7 +5,11 @@
 #include "ops/ops.h"
 
 TORCH_LIBRARY(unsloth_ext, m) {
-  m.def("rms_norm_fwd(Tensor x, Tensor weight, float eps, bool gemma) -> (Tensor y, Tensor rstd)");
+  // y_pad: y's rows lie that many columns apart beyond its width, in one allocation (room the
+  // caller may fill with columns of its own, e.g. to widen a matrix product's K).
+  m.def(
+      "rms_norm_fwd(Tensor x, Tensor weight, float eps, bool gemma, int y_pad=0) "
+      "-> (Tensor y, Tensor rstd)");
   m.def(
       "rms_norm_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd, bool gemma) "
       "-> (Tensor grad_x, Tensor grad_weight)");
@@ -32,8 +36,8 @@ TORCH_LIBRARY(unsloth_ext, m) {
       "layer_norm_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor mean, Tensor rstd, "
       "bool has_bias) -> (Tensor grad_x, Tensor grad_weight, Tensor? grad_bias)");
   m.def(
-      "add_rms_norm_fwd(Tensor x, Tensor residual, Tensor weight, float eps, bool gemma) "
-      "-> (Tensor y, Tensor residual_out, Tensor rstd)");
+      "add_rms_norm_fwd(Tensor x, Tensor residual, Tensor weight, float eps, bool gemma, "
+      "int y_pad=0) -> (Tensor y, Tensor residual_out, Tensor rstd)");
   m.def(
       "add_rms_norm_bwd(Tensor grad_y, Tensor? grad_residual_out, Tensor residual_out, "
       "Tensor weight, Tensor rstd, bool gemma) -> (Tensor grad_x, Tensor grad_weight)");

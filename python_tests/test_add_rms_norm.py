@@ -6,6 +6,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from helpers import (DTYPES, DTYPES_16, assert_close, assert_no_worse_than_reference,
                      ROW_SHAPES, needs_extension, poison_cuda_allocator)
+from unsloth_ext._extension import STATE
 from unsloth_ext.ops.add_rms_norm import (add_rms_norm, add_rms_norm_bwd_reference,
                                           add_rms_norm_fwd_reference, add_rms_norm_reference)
 
@@ -93,6 +94,24 @@ def _opcheck_args(device, dtype, gemma, w_dtype=None):
     dres = torch.randn(x.shape, dtype=dtype, device=device)
     rstd = torch.rand(x.shape[:-1], dtype=acc, device=device) + 0.5
     return x, r, w, dy, dres, rstd
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_y_pad_leaves_room_after_each_row(device, dtype):
+    """y_pad: the same y and sum, y in the first columns of a wider allocation whose extra
+    columns nothing writes; the op and its gradients pass opcheck with the padded layout."""
+    x, r, w = _inputs((3, 5, 40), dtype, device)
+    expected = add_rms_norm(x, r, w, EPS)
+    y, s = add_rms_norm(x, r, w, EPS, y_pad=16)
+    assert y.stride() == (5 * 56, 56, 1) and s.is_contiguous()
+    assert torch.equal(y, expected[0]) and torch.equal(s, expected[1])
+    if STATE.loaded:
+        torch.library.opcheck(torch.ops.unsloth_ext.add_rms_norm_fwd.default,
+                              (x.float().requires_grad_(), r.float().requires_grad_(), w.float(),
+                               EPS, False, 8))
+    with pytest.raises(ValueError, match="y_pad is 1.5"):
+        add_rms_norm(x, r, w, EPS, y_pad=1.5)
 
 
 @needs_extension

@@ -669,6 +669,62 @@ def test_mlp_adds_the_residual_in_its_down_projection(device, dtype, monkeypatch
             lora_mlp(X, gate, up, down, residual=R[:, :3])
 
 
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32),
+                                          pytest.param("cuda", torch.bfloat16,
+                                                       marks=pytest.mark.cuda)])
+def test_lora_terms_ride_in_the_base_gemms(device, dtype):
+    """With scratch columns after X's rows (spare_columns, as the norms' y_pad leaves them),
+    NF4 projections compute their LoRA term inside the base GEMM: the columns then hold each
+    s·X·Aᵀ, outputs match the separate products' within rounding and gradients are the same. q
+    has NF4 and LoRA, k NF4 without LoRA, v a tensor weight, a bias and LoRA; gate and up NF4."""
+    torch.manual_seed(0)
+    t, _ = _makers(device, dtype)
+
+    def nf4(*shape):
+        return quantize_nf4(t(*shape, grad=False))
+
+    hidden, inter = 64, 192
+    wide = t(2, 5, hidden + 24, grad=False)
+    X = wide[..., :hidden].requires_grad_()
+    q = LoraParts(nf4(96, hidden), None, t(8, hidden), t(96, 8), 0.5)
+    k = LoraParts(nf4(32, hidden))
+    v = LoraParts(t(32, hidden, grad=False), t(32), t(4, hidden), t(32, 4), 2.0)
+    gate = LoraParts(nf4(inter, hidden), None, t(3, hidden), t(inter, 3), 0.5)
+    up = LoraParts(nf4(inter, hidden), None, t(2, hidden), t(inter, 2), 1.5)
+    down = LoraParts(nf4(hidden, inter), None, t(4, inter), t(hidden, 4), 2.0)
+    ulp = torch.finfo(dtype).eps
+
+    def run(fn, spare, params):
+        outs = fn(spare)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        dYs = [torch.ones_like(Y) for Y in outs]
+        return outs, torch.autograd.grad(outs, [X, *params], dYs)
+
+    qkv_params = [q.lora_A, q.lora_B, v.bias, v.lora_A, v.lora_B]
+    expected = run(lambda spare: lora_qkv(X, q, k, v, spare_columns=spare), 0, qkv_params)
+    got = run(lambda spare: lora_qkv(X, q, k, v, spare_columns=spare), 24, qkv_params)
+    tail = wide[..., hidden:]
+    torch.testing.assert_close(tail[..., :8], 0.5 * X @ q.lora_A.t(), rtol=4 * ulp, atol=4 * ulp)
+    torch.testing.assert_close(tail[..., 8:12], 2.0 * X @ v.lora_A.t(), rtol=4 * ulp,
+                               atol=4 * ulp)
+    for a, b in zip(got[0], expected[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=2 * ulp * b.abs().max().item())
+    for a, b in zip(got[1], expected[1]):
+        assert torch.equal(a, b)
+
+    mlp_params = [p.lora_A for p in (gate, up, down)] + [p.lora_B for p in (gate, up, down)]
+    expected = run(lambda spare: lora_mlp(X, gate, up, down, spare_columns=spare), 0, mlp_params)
+    got = run(lambda spare: lora_mlp(X, gate, up, down, spare_columns=spare), 5, mlp_params)
+    torch.testing.assert_close(tail[..., :3], 0.5 * X @ gate.lora_A.t(), rtol=4 * ulp,
+                               atol=4 * ulp)
+    for a, b in zip(got[0] + got[1], expected[0] + expected[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=8 * ulp * b.abs().max().item())
+    with pytest.raises(ValueError, match="spare_columns is 25 but X"):
+        lora_qkv(X, q, k, v, spare_columns=25)
+    with pytest.raises(ValueError, match="spare_columns is 3 but X"):
+        lora_mlp(X.detach().clone(), gate, up, down, spare_columns=3)
+
+
 def test_gradcheck_without_lora_and_frozen_adapter():
     """No LoRA term (dX only), and an adapter whose A is frozen (dB and dX only)."""
     X, W, A, B = _t(4, 6), _t(5, 6, grad=False), _t(2, 6, grad=False), _t(5, 2)

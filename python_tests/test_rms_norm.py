@@ -7,6 +7,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from helpers import (DTYPES, DTYPES_16, assert_close, assert_no_worse_than_reference,
                      ROW_SHAPES, needs_extension, poison_cuda_allocator)
 from unsloth_ext import rms_norm
+from unsloth_ext._extension import STATE
 from unsloth_ext.ops.rms_norm import (rms_norm_bwd_reference, rms_norm_fwd_reference,
                                       rms_norm_reference)
 
@@ -85,6 +86,26 @@ def test_opcheck_cpu(dtype, gemma):
     torch.library.opcheck(torch.ops.unsloth_ext.rms_norm_fwd.default,
                           (x.requires_grad_(dtype != torch.bfloat16), w, EPS, gemma))
     torch.library.opcheck(torch.ops.unsloth_ext.rms_norm_bwd.default, (dy, x.detach(), w, rstd, gemma))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_y_pad_leaves_room_after_each_row(device, dtype):
+    """y_pad: the same values, in the first columns of a wider allocation whose extra columns
+    nothing writes; the op and its gradients pass opcheck with the padded layout."""
+    x, w = _inputs((3, 5, 40), dtype, device)
+    expected = rms_norm(x, w, EPS)
+    y = rms_norm(x, w, EPS, y_pad=24)
+    assert y.stride() == (5 * 64, 64, 1)
+    assert torch.equal(y, expected)
+    padded = y.as_strided((3, 5, 64), y.stride())
+    padded[..., 40:] = 7.0
+    assert torch.equal(y, expected)
+    if STATE.loaded:
+        torch.library.opcheck(torch.ops.unsloth_ext.rms_norm_fwd.default,
+                              (x.float().requires_grad_(), w.float(), EPS, False, 8))
+    with pytest.raises(ValueError, match="y_pad is -1"):
+        rms_norm(x, w, EPS, y_pad=-1)
 
 
 @pytest.mark.parametrize("make,err,match", [

@@ -215,8 +215,9 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
 
 def dequantize_nf4(w: NF4Weight, out: torch.Tensor | None = None) -> torch.Tensor:
     """The weight [out_features, in_features] in w.dtype, bit-identical to bitsandbytes'
-    `dequantize_4bit`. out: a contiguous buffer of that shape and dtype on w's device, reused
-    across calls (e.g. one buffer for every layer of a model); allocated when None."""
+    `dequantize_4bit`. out: a buffer of that shape and dtype on w's device, contiguous or with
+    contiguous rows at a larger distance (the first columns of a wider matrix), reused across
+    calls (e.g. one buffer for every layer of a model); allocated when None."""
     if out is None:
         out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
     elif not isinstance(out, torch.Tensor):

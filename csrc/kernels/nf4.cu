@@ -96,6 +96,14 @@ __device__ __forceinline__ uint32_t nibble(uint32_t word, int i) {
   return (word >> (8 * (i / 2) + 4 * (1 - i % 2))) & 15u;
 }
 
+// Where value e of the weight (row-major) goes in the output.
+__device__ __forceinline__ int64_t dequant_offset(const NF4DequantParams& p, int64_t e) {
+  if (p.out_row_stride == p.cols) return e;
+  const int64_t row = e <= UINT32_MAX ? static_cast<uint32_t>(e) / static_cast<uint32_t>(p.cols)
+                                      : e / p.cols;
+  return row * p.out_row_stride + (e - row * p.cols);
+}
+
 // Each thread dequantizes kDequantUnroll groups. Their packed words and absmax go out before the
 // block fills its tables, so the loads' latency covers the block's start.
 template <typename T>
@@ -127,7 +135,8 @@ __global__ void __launch_bounds__(kDequantThreads) nf4_dequantize_kernel(const N
       float v[kGroup];
 #pragma unroll
       for (int i = 0; i < kGroup; ++i) v[i] = __fmul_rn(levels[nibble(words[u], i)], scale);
-      store_vec<T, kGroup>(static_cast<T*>(p.out) + g * kGroup, from_acc<T>(v));
+      store_vec<T, kGroup>(static_cast<T*>(p.out) + dequant_offset(p, g * kGroup),
+                           from_acc<T>(v));
     }
   }
 }

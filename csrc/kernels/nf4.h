@@ -36,7 +36,9 @@ struct NF4View {
 
 struct NF4DequantParams {
   NF4View w;
-  void* out;  // [numel] contiguous, 16-byte aligned
+  void* out;  // [numel / cols, cols], rows out_row_stride apart, 16-byte aligned
+  int64_t cols;            // values per row: numel for one array, else a multiple of 8 below 2^31
+  int64_t out_row_stride;  // cols, or a larger multiple of 8
   DType out_dtype;  // bf16 or fp16
 };
 

@@ -165,7 +165,7 @@ rms_norm_fwd_kernel(const RMSNormFwdParams p) {
       ? static_cast<const T*>(p.residual) + (valid ? row : 0) * p.residual_row_stride
       : nullptr;
   const W* w = static_cast<const W*>(p.weight);
-  O* y = static_cast<O*>(p.y) + (valid ? row : 0) * p.cols;
+  O* y = static_cast<O*>(p.y) + (valid ? row : 0) * p.y_row_stride;
   const auto sum_at = [&](int64_t j) {
     const Vec<T, VEC> xv = load_vec<T, VEC>(x + j * VEC);
     if constexpr (kResidual) {
@@ -611,7 +611,7 @@ void rms_norm_fwd_typed(const RMSNormFwdParams& p, cudaStream_t stream) {
   const bool residual = p.residual != nullptr;
   const int unroll = residual ? 1 : kFwdUnroll;
   const int vec = vector_width<T>({p.x, p.residual, p.weight, p.y, p.residual_out},
-                                  {p.x_row_stride, p.residual_row_stride}, p.cols);
+                                  {p.x_row_stride, p.residual_row_stride, p.y_row_stride}, p.cols);
   const RowPlan plan = plan_rows(p.cols, vec, kFwdThreads, unroll);
   const dim3 block(plan.threads_x, plan.rows_per_block);
   const auto grid = static_cast<unsigned>(ceil_div(p.rows, plan.rows_per_block));

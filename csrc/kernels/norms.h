@@ -34,13 +34,14 @@ struct RMSNormFwdParams {
   const void* x;
   const void* residual;  // x's dtype; nullptr: plain RMSNorm
   const void* weight;
-  void* y;             // [rows, cols], contiguous
+  void* y;             // [rows, cols] with rows y_row_stride apart
   void* residual_out;  // [rows, cols], contiguous, x's dtype; nullptr without a residual
   void* rstd;          // [rows], accumulator dtype
   int64_t rows;
   int64_t cols;
   int64_t x_row_stride;
   int64_t residual_row_stride;
+  int64_t y_row_stride;  // >= cols
   double eps;
   bool gemma;
   DType x_dtype;

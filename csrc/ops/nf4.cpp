@@ -96,15 +96,20 @@ void nf4_dequantize(const at::Tensor& packed, const at::Tensor& absmax,
   check_cuda(out, "out");
   check_nonempty(out, "out");
   check_16bit(out, "out");
-  check_contiguous(out, "out");
   const c10::cuda::CUDAGuard guard(out.device());
   const at::Tensor pk = with_alignment(packed, 4);
   NF4DequantParams p{};
   p.w = nf4_view(pk, absmax, absmax2, code2, offset, blocksize, out.numel(), out, "out");
   p.out_dtype = to_dtype(out, "out");
-  // The kernel writes 16-byte vectors: an unaligned buffer is filled through an aligned one.
-  const bool direct = aligned_to(out, 16);
+  // The kernel writes 16-byte vectors of 8 values along rows that lie at a stride: other
+  // buffers (unaligned, or other strides) are filled through a contiguous aligned one.
+  const int64_t cols = out.dim() > 0 ? out.size(-1) : 1;
+  const bool row_strided = out.dim() == 2 && out.stride(1) == 1 && out.stride(0) >= cols &&
+                           out.stride(0) % 8 == 0 && cols % 8 == 0 && cols <= INT32_MAX;
+  const bool direct = aligned_to(out, 16) && (out.is_contiguous() || row_strided);
   at::Tensor dst = direct ? out : at::empty(out.sizes(), out.options());
+  p.cols = row_strided && direct ? cols : dst.numel();
+  p.out_row_stride = row_strided && direct ? out.stride(0) : dst.numel();
   p.out = dst.data_ptr();
   nf4_dequantize_launch(p, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -2,6 +2,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <vector>
+
 #include "core/tensor_checks.h"
 #include "kernels/norms.h"
 #include "ops/ops.h"
@@ -80,6 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
                      bias->scalar_type(), ", expected the weight's dtype ", weight.scalar_type());
   }
   check_eps(eps);
+  TORCH_CHECK_VALUE(y_pad >= 0, "y_pad is ", y_pad, "; expected a non-negative number");
   const c10::cuda::CUDAGuard guard(x.device());
   const Rows xr = as_rows(x);
   const at::Tensor w = weight.contiguous();
@@ -152,19 +155,25 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> layer_norm_bwd(
 
 namespace {
 
-// RMSNorm of x, or of x + residual (also returned, undefined without a residual).
+// RMSNorm of x, or of x + residual (also returned, undefined without a residual). y's rows are
+// followed by y_pad columns of its allocation that nothing writes (room for a caller's own
+// columns, see rms_norm_fwd's schema).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_forward(
     const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
-    double eps, bool gemma) {
+    double eps, bool gemma, int64_t y_pad) {
   check_activation(x, "x");
   if (residual.has_value()) check_like(*residual, x, x.scalar_type(), "residual", "x");
   check_param(weight, x, "weight", "x");
   check_eps(eps);
+  TORCH_CHECK_VALUE(y_pad >= 0, "y_pad is ", y_pad, "; expected a non-negative number");
   const c10::cuda::CUDAGuard guard(x.device());
   const Rows xr = as_rows(x);
   const Rows rr = residual.has_value() ? as_rows(*residual) : Rows{at::Tensor(), xr.rows, xr.cols, 0};
   const at::Tensor w = weight.contiguous();
-  at::Tensor y = at::empty(x.sizes(), x.options().dtype(rms_norm_out_dtype(x, weight, gemma)));
+  std::vector<int64_t> padded = x.sizes().vec();
+  padded.back() += y_pad;
+  const at::Tensor y = at::empty(padded, x.options().dtype(rms_norm_out_dtype(x, weight, gemma)))
+                           .narrow(-1, 0, xr.cols);
   at::Tensor residual_out = residual.has_value() ? at::empty(x.sizes(), x.options()) : at::Tensor();
   at::Tensor rstd = acc_rows_like(x);
 
@@ -179,6 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_forward(
   p.cols = xr.cols;
   p.x_row_stride = xr.row_stride;
   p.residual_row_stride = rr.row_stride;
+  p.y_row_stride = xr.cols + y_pad;
   p.eps = eps;
   p.gemma = gemma;
   p.x_dtype = to_dtype(x, "x");
@@ -237,9 +247,9 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
-                                                double eps, bool gemma) {
+                                                double eps, bool gemma, int64_t y_pad) {
   NvtxRange range("unsloth_ext::rms_norm_fwd");
-  auto [y, residual_out, rstd] = rms_norm_forward(x, std::nullopt, weight, eps, gemma);
+  auto [y, residual_out, rstd] = rms_norm_forward(x, std::nullopt, weight, eps, gemma, y_pad);
   return {y, rstd};
 }
 
@@ -253,9 +263,10 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad_y, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_fwd(const at::Tensor& x,
                                                                 const at::Tensor& residual,
                                                                 const at::Tensor& weight,
-                                                                double eps, bool gemma) {
+                                                                double eps, bool gemma,
+                                                                int64_t y_pad) {
   NvtxRange range("unsloth_ext::add_rms_norm_fwd");
-  return rms_norm_forward(x, residual, weight, eps, gemma);
+  return rms_norm_forward(x, residual, weight, eps, gemma, y_pad);
 }
 
 std::tuple<at::Tensor, at::Tensor> add_rms_norm_bwd(

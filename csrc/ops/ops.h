@@ -8,7 +8,7 @@
 namespace unsloth_ext {
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
-                                                double eps, bool gemma);
+                                                double eps, bool gemma, int64_t y_pad);
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad_y, const at::Tensor& x,
                                                 const at::Tensor& weight, const at::Tensor& rstd,
                                                 bool gemma);
@@ -21,7 +21,8 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> layer_norm_bwd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_fwd(const at::Tensor& x,
                                                                 const at::Tensor& residual,
                                                                 const at::Tensor& weight,
-                                                                double eps, bool gemma);
+                                                                double eps, bool gemma,
+                                                                int64_t y_pad);
 std::tuple<at::Tensor, at::Tensor> add_rms_norm_bwd(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_residual_out,
     const at::Tensor& residual_out, const at::Tensor& weight, const at::Tensor& rstd, bool gemma);

@@ -56,6 +56,19 @@ def check_same_device(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: s
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
+def empty_padded(shape: tuple, pad: int, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor of `shape` whose rows (along the last dimension) lie pad elements further
+    apart than its width: the leading columns of a `[..., width + pad]` allocation, like the
+    kernels' `y_pad` outputs."""
+    padded = like.new_empty((*shape[:-1], shape[-1] + pad), dtype=dtype)
+    return padded[..., :shape[-1]]
+
+
+def check_pad(pad: int, name: str) -> None:
+    if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0:
+        raise ValueError(f"{name} is {pad!r}; expected a non-negative int")
+
+
 def check_param_dtype(param: torch.Tensor, x: torch.Tensor, name: str) -> None:
     """Parameters share x's dtype, or are fp32 beside 16-bit x (mixed-precision training)."""
     if param.dtype == x.dtype:

@@ -8,17 +8,19 @@ from __future__ import annotations
 import torch
 
 from unsloth_ext._extension import use_kernel
-from unsloth_ext.ops._library import (acc_dtype, check_float, check_nonempty, check_param_dtype,
-                                      check_same_device, op, register_op)
+from unsloth_ext.ops._library import (acc_dtype, check_float, check_nonempty, check_pad,
+                                      check_param_dtype, check_same_device, empty_padded, op,
+                                      register_op)
 from unsloth_ext.ops.rms_norm import rms_norm_bwd_reference, rms_norm_fwd_reference
 
 
 def add_rms_norm_fwd_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                               eps: float, gemma: bool
+                               eps: float, gemma: bool, y_pad: int = 0
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (y, residual_out, rstd); rstd per row of residual_out, in the accumulator dtype."""
+    """Returns (y, residual_out, rstd); rstd per row of residual_out, in the accumulator dtype;
+    y's rows y_pad elements further apart than its width."""
     residual_out = x + residual
-    y, rstd = rms_norm_fwd_reference(residual_out, weight, eps, gemma)
+    y, rstd = rms_norm_fwd_reference(residual_out, weight, eps, gemma, y_pad)
     return y, residual_out, rstd
 
 
@@ -40,7 +42,8 @@ def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torc
 
 
 def _check_args(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                eps: float) -> None:
+                eps: float, y_pad: int) -> None:
+    check_pad(y_pad, "y_pad")
     check_float(x, "x")
     check_float(residual, "residual")
     check_float(weight, "weight")
@@ -61,25 +64,28 @@ def _check_args(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float = 1e-6, gemma: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float = 1e-6, gemma: bool = False, *, y_pad: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`residual_out = x + residual; y = rms_norm(residual_out, weight, eps, gemma)`; returns
     (y, residual_out).
 
     x, residual: `[..., H]`, one dtype of bf16/fp16/fp32/fp64, rows at any stride (contiguous
     elements are fastest); weight: `[H]`, x's dtype or fp32 beside 16-bit x. residual_out:
-    contiguous, x's dtype. y: contiguous; dtype as rms_norm's (Llama: promotion of x and
-    weight; Gemma: x's dtype).
+    contiguous, x's dtype. y: dtype as rms_norm's (Llama: promotion of x and weight; Gemma: x's
+    dtype); contiguous, or with y_pad the first H columns of a `[..., H + y_pad]` tensor (see
+    `rms_norm`).
     """
-    _check_args(x, residual, weight, eps)
+    _check_args(x, residual, weight, eps, y_pad)
     if use_kernel("add_rms_norm", x):
-        y, residual_out, _ = op("add_rms_norm_fwd")(x, residual, weight, eps, gemma)
+        y, residual_out, _ = op("add_rms_norm_fwd")(x, residual, weight, eps, gemma, y_pad)
         return y, residual_out
-    return add_rms_norm_reference(x, residual, weight, eps, gemma)
+    y, residual_out, _ = add_rms_norm_fwd_reference(x, residual, weight, eps, gemma, y_pad)
+    return y, residual_out
 
 
-def _fake_fwd(x, residual, weight, eps, gemma):
+def _fake_fwd(x, residual, weight, eps, gemma, y_pad=0):
     y_dtype = x.dtype if gemma else torch.promote_types(x.dtype, weight.dtype)
-    return (x.new_empty(x.shape, dtype=y_dtype), x.new_empty(x.shape),
+    return (empty_padded(x.shape, y_pad, x, y_dtype), x.new_empty(x.shape),
             x.new_empty(x.shape[:-1], dtype=acc_dtype(x.dtype)))
 
 
@@ -89,7 +95,7 @@ def _fake_bwd(grad_y, grad_residual_out, residual_out, weight, rstd, gemma):
 
 
 def _setup_context(ctx, inputs, output):
-    _x, _residual, weight, _eps, gemma = inputs
+    _x, _residual, weight, _eps, gemma, _y_pad = inputs
     ctx.save_for_backward(output[1], weight, output[2])
     ctx.gemma = gemma
     # An output nobody used brings None instead of a tensor of zeros to read.
@@ -99,11 +105,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, grad_residual_out, _grad_rstd):
     residual_out, weight, rstd = ctx.saved_tensors
     if grad_y is None:
-        return grad_residual_out, grad_residual_out, None, None, None
+        return grad_residual_out, grad_residual_out, None, None, None, None
     grad_x, grad_w = op("add_rms_norm_bwd")(grad_y, grad_residual_out, residual_out, weight,
                                             rstd, ctx.gemma)
     # The sum's gradient reaches x and the residual alike.
-    return grad_x, grad_x, grad_w, None, None
+    return grad_x, grad_x, grad_w, None, None, None
 
 
 register_op("add_rms_norm_fwd", reference=add_rms_norm_fwd_reference, fake=_fake_fwd,

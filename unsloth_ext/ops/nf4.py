@@ -137,8 +137,9 @@ def _check_compute_tensor(t: torch.Tensor, name: str) -> None:
 def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
                    code2: torch.Tensor | None, offset: float, blocksize: int,
                    out: torch.Tensor) -> None:
-    """Dequantize an NF4 weight (state as in the module docstring) into `out`: a contiguous bf16,
-    fp16 or fp32 tensor with as many elements as the weight, on the weight's device."""
+    """Dequantize an NF4 weight (state as in the module docstring) into `out`: a bf16, fp16 or
+    fp32 tensor with as many elements as the weight, on the weight's device, contiguous or a
+    matrix of contiguous rows."""
     _check_compute_tensor(out, "out")
     check_nf4_state(packed, absmax, absmax2, code2, offset, blocksize, out.numel())
     check_dequantize_out(out, packed.device)
@@ -146,11 +147,14 @@ def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Te
 
 
 def check_dequantize_out(out: torch.Tensor, device: torch.device) -> None:
-    """out is on the weight's device and contiguous (the kernel writes it as one array)."""
+    """out is on the weight's device and contiguous, or 2-D with contiguous rows at any distance
+    (e.g. the first columns of a wider matrix)."""
     if out.device != device:
         raise ValueError(f"out is on {out.device} but packed is on {device}")
-    if not out.is_contiguous():
-        raise ValueError(f"out is not contiguous (strides {out.stride()})")
+    if not (out.is_contiguous() or (out.dim() == 2 and out.stride(1) == 1
+                                    and out.stride(0) >= out.shape[1])):
+        raise ValueError(f"out is neither contiguous nor a matrix of contiguous rows (strides "
+                         f"{out.stride()})")
 
 
 def dequantize_checked(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,

@@ -43,6 +43,16 @@ def _parts(module: torch.nn.Module):
     return memoized(("lora parts", id(module)), read)
 
 
+def _lora_width(*modules: torch.nn.Module) -> int:
+    """Σ rank of the modules' LoRA terms in use: the scratch columns the LoRA Functions fold
+    them through (`spare_columns`); 0 for modules the fused path does not take."""
+    try:
+        parts = [_parts(m) for m in modules]
+    except (TypeError, ValueError):
+        return 0
+    return sum(p.lora_A.shape[0] for p in parts if p.uses_lora)
+
+
 def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     from unsloth_ext.ops.rms_norm import rms_norm
 
@@ -50,9 +60,9 @@ def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def mlp_forward(self, x: torch.Tensor, compute_output: bool = True,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-    """The fused LoRA MLP, plus residual when given; compute_output=False: see `lora_mlp` (the
-    stock fallback ignores it)."""
+                residual: torch.Tensor | None = None, spare_columns: int = 0) -> torch.Tensor:
+    """The fused LoRA MLP, plus residual when given; compute_output=False and spare_columns: see
+    `lora_mlp` (the stock fallback ignores them)."""
     from unsloth_ext.lora import lora_mlp
 
     activation = _ACTIVATIONS.get(self.config.hidden_act)
@@ -65,7 +75,7 @@ def mlp_forward(self, x: torch.Tensor, compute_output: bool = True,
         out = type(self).forward(self, x)
         return out if residual is None else residual + out
     return lora_mlp(x, *parts, activation=activation[0], approximate=activation[1],
-                    compute_output=compute_output, residual=residual)
+                    compute_output=compute_output, residual=residual, spare_columns=spare_columns)
 
 
 def _rope_positions(cos: torch.Tensor, seq: int) -> torch.Tensor:
@@ -78,7 +88,8 @@ def _rope_positions(cos: torch.Tensor, seq: int) -> torch.Tensor:
 def attention_forward(self, hidden_states: torch.Tensor,
                       position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                       attention_mask: torch.Tensor | None = None, past_key_values=None,
-                      **kwargs):
+                      spare_columns: int = 0, **kwargs):
+    """spare_columns: scratch columns after hidden_states' rows (see `lora_mlp`)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from unsloth_ext.lora import lora_linear, lora_qkv
@@ -92,7 +103,7 @@ def attention_forward(self, hidden_states: torch.Tensor,
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask,
                                   past_key_values, **kwargs)
     batch, seq = hidden_states.shape[:2]
-    q, k, v = lora_qkv(hidden_states, q_parts, k_parts, v_parts)
+    q, k, v = lora_qkv(hidden_states, q_parts, k_parts, v_parts, spare_columns=spare_columns)
     q = q.view(batch, seq, -1, self.head_dim)
     k = k.view(batch, seq, -1, self.head_dim)
     v = v.view(batch, seq, -1, self.head_dim).transpose(1, 2)
@@ -114,25 +125,33 @@ def decoder_layer_forward(self, hidden_states: torch.Tensor, attention_mask=None
                           position_embeddings=None, **kwargs) -> torch.Tensor:
     from unsloth_ext.checkpointing import gradient_sum, recomputing
     from unsloth_ext.ops.add_rms_norm import add_rms_norm
+    from unsloth_ext.ops.rms_norm import rms_norm
 
+    # Both norms leave room after their rows for the LoRA Functions' s·X·Aᵀ columns, which the
+    # base GEMMs then read (spare_columns).
+    attention, mlp = self.self_attn, self.mlp
+    room = _lora_width(attention.q_proj, attention.k_proj, attention.v_proj)
     residual = hidden_states
-    hidden_states = self.input_layernorm(hidden_states)
-    hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
-                                      position_ids=position_ids, past_key_values=past_key_values,
-                                      use_cache=use_cache, position_embeddings=position_embeddings,
-                                      **kwargs)
+    norm = self.input_layernorm
+    hidden_states = rms_norm(hidden_states, norm.weight, norm.variance_epsilon, y_pad=room)
+    hidden_states, _ = attention(hidden_states=hidden_states, attention_mask=attention_mask,
+                                 position_ids=position_ids, past_key_values=past_key_values,
+                                 use_cache=use_cache, position_embeddings=position_embeddings,
+                                 spare_columns=room, **kwargs)
     # residual + attention output, and the post-attention RMSNorm of that sum, in one pass. Under
     # autocast the two differ in dtype: the sum takes the promoted one, as in the stock layer.
     dtype = torch.promote_types(hidden_states.dtype, residual.dtype)
     norm = self.post_attention_layernorm
+    room = _lora_width(mlp.gate_proj, mlp.up_proj)
     hidden_states, residual = add_rms_norm(hidden_states.to(dtype), residual.to(dtype),
-                                           norm.weight, norm.variance_epsilon)
+                                           norm.weight, norm.variance_epsilon, y_pad=room)
     # Recomputed in an offloaded checkpoint's backward, the layer's output only carries the
     # gradient, so neither the MLP's output values (its down projection) nor the sum is computed.
     # Otherwise the MLP's down projection adds the residual as it writes its output.
     if recomputing(self):
-        return gradient_sum(residual, self.mlp(hidden_states, compute_output=False))
-    return self.mlp(hidden_states, residual=residual)
+        return gradient_sum(residual, mlp(hidden_states, compute_output=False,
+                                          spare_columns=room))
+    return mlp(hidden_states, residual=residual, spare_columns=room)
 
 
 def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None,
