@@ -82,7 +82,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
                      bias->scalar_type(), ", expected the weight's dtype ", weight.scalar_type());
   }
   check_eps(eps);
-  TORCH_CHECK_VALUE(y_pad >= 0, "y_pad is ", y_pad, "; expected a non-negative number");
   const c10::cuda::CUDAGuard guard(x.device());
   const Rows xr = as_rows(x);
   const at::Tensor w = weight.contiguous();
