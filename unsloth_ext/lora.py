@@ -323,7 +323,10 @@ def _widened_input(X: torch.Tensor, projs: Sequence[_Projection],
     if (not lora or width > spare or any(p.keep is not None for p in lora)
             or not any(isinstance(p.weight, NF4Weight) for p in lora)):
         return None
-    return X.as_strided((X.shape[0], X.shape[1] + width), (X.stride(0), 1), X.storage_offset())
+    # A tensor of its own over X's storage: writing the scratch columns leaves X's version (and
+    # the autograd views X may be) untouched, as X's values are.
+    return X.new_empty(0).set_(X.untyped_storage(), X.storage_offset(),
+                               (X.shape[0], X.shape[1] + width), (X.stride(0), 1))
 
 
 def _project_all(X: torch.Tensor, projs: Sequence[_Projection], spare: int, skip: int = 0
