@@ -1,7 +1,8 @@
 """Patches for the Llama family (Llama, Mistral: same layer layout in transformers 5.x).
 
-Per decoder layer: RMSNorm kernels, the residual add fused into the post-attention RMSNorm, q/k/v
-through the fused LoRA QKV, RoPE in place on q and k (on transformers' own cos/sin, so every
+Per decoder layer: RMSNorm kernels (leaving room after each row for the LoRA down products, so
+that the NF4 base GEMMs carry the LoRA terms: `lora_mlp`'s spare_columns), the residual add fused
+into the post-attention RMSNorm, q/k/v through the fused LoRA QKV, RoPE in place on q and k (on transformers' own cos/sin, so every
 rope scaling is covered exactly), attention through PyTorch SDPA, o through the LoRA projection,
 the MLP through the fused LoRA MLP (recomputed by the offloaded checkpointing, whose backward
 never reads a layer's output, the MLP skips its down projection's forward). The causal-LM head
