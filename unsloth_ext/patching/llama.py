@@ -2,10 +2,11 @@
 
 Per decoder layer: RMSNorm kernels (leaving room after each row for the LoRA down products, so
 that the NF4 base GEMMs carry the LoRA terms: `lora_mlp`'s spare_columns), the residual add fused
-into the post-attention RMSNorm, q/k/v through the fused LoRA QKV, RoPE in place on q and k (on transformers' own cos/sin, so every
-rope scaling is covered exactly), attention through PyTorch SDPA, o through the LoRA projection,
-the MLP through the fused LoRA MLP (recomputed by the offloaded checkpointing, whose backward
-never reads a layer's output, the MLP skips its down projection's forward). The causal-LM head
+into the post-attention RMSNorm, q/k/v through the fused LoRA QKV, RoPE in place on q and k (on
+transformers' own cos/sin, so every rope scaling is covered exactly), attention through PyTorch
+SDPA, o through the LoRA projection, the MLP through the fused LoRA MLP (recomputed by the
+offloaded checkpointing, whose backward never reads a layer's output, the MLP skips its down
+projection's forward). The causal-LM head
 computes the loss with fused linear + cross-entropy and never materializes the training logits.
 Each patched forward falls back to the stock one, with one warning, for anything it does not
 compute (e.g. DoRA adapters).
