@@ -763,7 +763,8 @@ def _rows_2d(X: torch.Tensor, spare: int) -> tuple[torch.Tensor, int]:
     if not spare or X2.data_ptr() != X.data_ptr():
         return X2, 0
     end = X2.storage_offset() + (X2.shape[0] - 1) * X2.stride(0) + X2.shape[1] + spare
-    if (X2.stride(1) != 1 or X2.stride(0) < X2.shape[1] + spare
+    # (one row's stride is meaningless: only its end counts)
+    if (X2.stride(1) != 1 or (X2.shape[0] > 1 and X2.stride(0) < X2.shape[1] + spare)
             or end * X2.element_size() > X2.untyped_storage().nbytes()):
         raise ValueError(f"spare_columns is {spare} but X (shape {tuple(X.shape)}, strides "
                          f"{X.stride()}) does not have that many columns of its storage after "
