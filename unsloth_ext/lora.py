@@ -756,8 +756,8 @@ def _check_input(X: torch.Tensor) -> None:
 
 
 def _rows_2d(X: torch.Tensor, spare: int) -> tuple[torch.Tensor, int]:
-    """(X as `[T, in]`, the scratch columns after its rows that stay usable): spare when X was
-    given with them and the reshape is a view, else 0 (under autocast X is a converted copy).
+    """(X as `[T, in]`, the scratch columns after its rows that stay usable): spare when the
+    reshape is a view, else 0 (callers pass 0 under autocast, where X is a converted copy).
     Raises ValueError where X's storage does not hold `spare` columns after every row."""
     X2 = X.reshape(-1, X.shape[-1])
     if not spare or X2.data_ptr() != X.data_ptr():
@@ -776,7 +776,6 @@ def _linears(X: torch.Tensor, parts: Sequence[LoraParts], masks, prefixes: Seque
              names: Sequence[dict] | None = None, spare: int = 0) -> tuple[torch.Tensor, ...]:
     _check_input(X)
     check_pad(spare, "spare_columns")
-    given = X
     X, autocast = _autocast(X)
     names = names or [_names(prefix) for prefix in prefixes]
     for p, n in zip(parts, names):
@@ -785,7 +784,7 @@ def _linears(X: torch.Tensor, parts: Sequence[LoraParts], masks, prefixes: Seque
     keeps = _keep_masks(parts, masks, [tuple(X.shape)] * len(parts), X, labels)
     statics, tensors = _flatten(parts, keeps)
     lead = X.shape[:-1]
-    X2, spare = _rows_2d(X, spare if X is given else 0)
+    X2, spare = _rows_2d(X, 0 if autocast else spare)
     outs = LoraLinears.apply(X2, statics, spare, *tensors)
     return tuple(Y.view(*lead, Y.shape[-1]) for Y in outs)
 
@@ -864,7 +863,6 @@ def lora_mlp(X: torch.Tensor, gate: LoraParts, up: LoraParts, down: LoraParts,
                          "only)")
     _check_input(X)
     check_pad(spare_columns, "spare_columns")
-    given = X
     X, autocast = _autocast(X)
     _check_parts(gate, X.shape[-1], X, _names("gate."), autocast)
     _check_parts(up, X.shape[-1], X, _names("up."), autocast)
@@ -885,7 +883,7 @@ def lora_mlp(X: torch.Tensor, gate: LoraParts, up: LoraParts, down: LoraParts,
             raise ValueError(f"residual has shape {tuple(residual.shape)}, expected {out_shape}")
     fold = residual is not None and residual.dtype == X.dtype
     statics, tensors = _flatten((gate, up, down), keeps)
-    X2, spare = _rows_2d(X, spare_columns if X is given else 0)
+    X2, spare = _rows_2d(X, 0 if autocast else spare_columns)
     Y = LoraMLP.apply(X2, residual.reshape(-1, out_shape[-1]) if fold else None, statics,
                       _Activation(activation, approximate), bool(compute_output), spare, *tensors)
     Y = Y.view(out_shape)

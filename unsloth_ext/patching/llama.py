@@ -45,14 +45,15 @@ def _parts(module: torch.nn.Module):
     return memoized(("lora parts", id(module)), read)
 
 
-def _lora_width(*modules: torch.nn.Module) -> int:
-    """Σ rank of the modules' LoRA terms in use: the scratch columns the LoRA Functions fold
-    them through (`spare_columns`); 0 for modules the fused path does not take."""
-    try:
-        parts = [_parts(m) for m in modules]
-    except (TypeError, ValueError):
-        return 0
-    return sum(p.lora_A.shape[0] for p in parts if p.uses_lora)
+def _lora_room(*modules: torch.nn.Module) -> int:
+    """Scratch columns for a norm to leave after each row of its output, for the LoRA Functions
+    to write the modules' down products into (`spare_columns`): the largest rank of each PEFT
+    LoRA layer, summed, rounded up to 8 columns so that rows stay 16-byte aligned. Read from the
+    layers' configuration alone; room an inactive adapter leaves is unused."""
+    from peft.tuners.lora import LoraLayer
+
+    room = sum(max(m.r.values(), default=0) for m in modules if isinstance(m, LoraLayer))
+    return -(-room // 8) * 8
 
 
 def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -132,7 +133,7 @@ def decoder_layer_forward(self, hidden_states: torch.Tensor, attention_mask=None
     # Both norms leave room after their rows for the LoRA Functions' s·X·Aᵀ columns, which the
     # base GEMMs then read (spare_columns).
     attention, mlp = self.self_attn, self.mlp
-    room = _lora_width(attention.q_proj, attention.k_proj, attention.v_proj)
+    room = _lora_room(attention.q_proj, attention.k_proj, attention.v_proj)
     residual = hidden_states
     norm = self.input_layernorm
     hidden_states = rms_norm(hidden_states, norm.weight, norm.variance_epsilon, y_pad=room)
@@ -144,7 +145,7 @@ def decoder_layer_forward(self, hidden_states: torch.Tensor, attention_mask=None
     # autocast the two differ in dtype: the sum takes the promoted one, as in the stock layer.
     dtype = torch.promote_types(hidden_states.dtype, residual.dtype)
     norm = self.post_attention_layernorm
-    room = _lora_width(mlp.gate_proj, mlp.up_proj)
+    room = _lora_room(mlp.gate_proj, mlp.up_proj)
     hidden_states, residual = add_rms_norm(hidden_states.to(dtype), residual.to(dtype),
                                            norm.weight, norm.variance_epsilon, y_pad=room)
     # Recomputed in an offloaded checkpoint's backward, the layer's output only carries the
