@@ -87,19 +87,28 @@ __device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
   return v;
 }
 
-template <typename T, int N>
+// kStreaming (16-byte multiples, global memory only): st.global.cs, for data written once and
+// read only after the whole of it is written (evict-first in L2).
+template <typename T, int N, bool kStreaming = false>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
   constexpr int bytes = sizeof(Vec<T, N>);
+  static_assert(!kStreaming || bytes % 16 == 0, "streaming stores move whole 16-byte words");
   if constexpr (bytes % 16 == 0) {
 #pragma unroll
     for (int i = 0; i < bytes / 16; ++i) {
       uint4 word;
       memcpy(&word, reinterpret_cast<const char*>(&v) + 16 * i, 16);
+      uint4* dst = reinterpret_cast<uint4*>(p) + i;
       // One 16-byte store: a plain uint4 assignment may still be split into four.
-      asm volatile("st.v4.b32 [%0], {%1, %2, %3, %4};"
-                   ::"l"(reinterpret_cast<uint4*>(p) + i), "r"(word.x), "r"(word.y), "r"(word.z),
-                   "r"(word.w)
-                   : "memory");
+      if constexpr (kStreaming) {
+        asm volatile("st.global.cs.v4.b32 [%0], {%1, %2, %3, %4};"
+                     ::"l"(dst), "r"(word.x), "r"(word.y), "r"(word.z), "r"(word.w)
+                     : "memory");
+      } else {
+        asm volatile("st.v4.b32 [%0], {%1, %2, %3, %4};"
+                     ::"l"(dst), "r"(word.x), "r"(word.y), "r"(word.z), "r"(word.w)
+                     : "memory");
+      }
     }
   } else if constexpr (bytes == 8) {
     uint2 word;
