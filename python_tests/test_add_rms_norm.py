@@ -8,7 +8,9 @@ from helpers import (DTYPES, DTYPES_16, assert_close, assert_no_worse_than_refer
                      ROW_SHAPES, needs_extension, poison_cuda_allocator)
 from unsloth_ext._extension import STATE
 from unsloth_ext.ops.add_rms_norm import (add_rms_norm, add_rms_norm_bwd_reference,
-                                          add_rms_norm_fwd_reference, add_rms_norm_reference)
+                                          add_rms_norm_fwd_reference, add_rms_norm_reference,
+                                          rms_norm_and_residual)
+from unsloth_ext.ops.rms_norm import rms_norm_reference
 
 EPS = 1e-6
 SHAPES = ROW_SHAPES
@@ -146,6 +148,34 @@ def test_bad_inputs_raise_clear_errors(make, err, match):
     x, r, w = make()
     with pytest.raises(err, match=match):
         add_rms_norm(x, r, w)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_and_residual_is_the_norm_and_its_input(device, dtype):
+    # A pre-norm block: y = norm(x) goes to the sublayer, x on as the residual. The gradient of
+    # x from both uses is the sum of the two, as autograd forms it over rms_norm.
+    x = (torch.randn(3, 37, 769, dtype=dtype, device=device) * 3).requires_grad_(True)
+    w = torch.randn(769, dtype=dtype, device=device, requires_grad=True)
+    y, residual = rms_norm_and_residual(x, w, EPS, y_pad=8)
+    assert residual.data_ptr() == x.data_ptr() and torch.equal(residual, x)
+    assert y.stride(-2) == 769 + 8
+    ry = rms_norm_reference(x, w, EPS)
+    assert_close(y, ry)
+    dy, dres = torch.randn_like(ry), torch.randn_like(x)
+    gx, gw = torch.autograd.grad((y, residual), (x, w), (dy, dres))
+    rgx, rgw = torch.autograd.grad((ry, x), (x, w), (dy, dres))
+    # The kernel rounds the sum once where autograd rounds the norm's gradient first: both are
+    # judged against fp64.
+    xd, wd = (t.detach().double().requires_grad_(True) for t in (x, w))
+    ogx, ogw = torch.autograd.grad((rms_norm_reference(xd, wd, EPS), xd), (xd, wd),
+                                   (dy.double(), dres.double()))
+    assert_no_worse_than_reference(gx, rgx, ogx)
+    assert_no_worse_than_reference(gw, rgw, ogw)
+    if device == "cuda":
+        xd, _, wd = _inputs((3, 2, 7), torch.float64, device)
+        leaves = (xd.requires_grad_(True), wd.requires_grad_(True))
+        assert torch.autograd.gradcheck(lambda a, b: rms_norm_and_residual(a, b, EPS), leaves)
 
 
 def test_negative_eps_rejected():

@@ -301,6 +301,60 @@ def test_fp32_adapters_are_copied_once_per_checkpointed_call(monkeypatch):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_offloaded_recompute_takes_the_rank_r_products_from_its_forward(monkeypatch):
+    # Inside an offloaded checkpoint the forward keeps every s·D(X)·Aᵀ, with dropout or not, and
+    # the MLP's s·D(h)·A_downᵀ for the recompute: the recompute (whose MLP skips its output) and
+    # the backward run no more rank-r products than a run without checkpointing, and every
+    # gradient is bitwise the same.
+    hidden, inter, room = 64, 192, 16
+    gen = torch.Generator().manual_seed(0)
+
+    def t(*shape, grad=True):
+        return (torch.randn(*shape, generator=gen) / 8).requires_grad_(grad)
+
+    X = t(14, hidden)
+    Wq, Wk, Wv, Wg, Wu, Wd = (quantize_nf4(t(o, i, grad=False)) for o, i in (
+        (hidden, hidden), (64, hidden), (64, hidden), (inter, hidden), (inter, hidden),
+        (hidden, inter)))
+    adapters = [t(*shape) for r in (4, 8, 4, 8, 4, 8) for shape in ((r, hidden), (hidden, r))]
+    adapters[6:] = [t(8, hidden), t(inter, 8), t(4, hidden), t(inter, 4), t(8, inter),
+                    t(hidden, 8)]
+    products = []
+    real = lora._scaled_mm
+
+    def spy(a, b, *args, **kwargs):
+        products.append((tuple(a.shape), tuple(b.shape)))
+        return real(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(lora, "_scaled_mm", spy)
+
+    def layer(x):
+        aq, bq, ak, bk, av, bv, ag, bg, au, bu, ad, bd = adapters
+        xw = F.pad(x, (0, room))[:, :hidden]  # scratch columns after each row
+        q, k, v = lora_qkv(xw, LoraParts(Wq, None, aq, bq, 0.5),
+                           LoraParts(Wk, None, ak, bk, 2.0, dropout_p=0.25),
+                           LoraParts(Wv, None, av, bv, 2.0), spare_columns=room)
+        u = F.pad(q * k.mean(-1, keepdim=True) + v.mean(), (0, room))[:, :hidden]
+        return lora_mlp(u, LoraParts(Wg, None, ag, bg, 0.5), LoraParts(Wu, None, au, bu, 1.5),
+                        LoraParts(Wd, None, ad, bd, 2.0), spare_columns=room,
+                        compute_output=not checkpointing.recomputing(layer))
+
+    def run(checkpointed):
+        products.clear()
+        torch.manual_seed(1)  # the same dropout mask in both runs
+        for p in (X, *adapters):
+            p.grad = None
+        Y = offloaded_checkpoint(layer, X) if checkpointed else layer(X)
+        Y.square().sum().backward()  # the checkpoint accumulates into .grad
+        return list(products), [p.grad for p in (X, *adapters)]
+
+    plain_products, plain = run(False)
+    checkpointed_products, checkpointed = run(True)
+    assert checkpointed_products == plain_products
+    for got, want in zip(checkpointed, plain):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.cuda
 def test_offloaded_mlp_recompute_takes_gate_and_up_from_the_stash(monkeypatch):
     # Inside an offloaded checkpoint the MLP's forward stashes e and g (or e only); the recompute

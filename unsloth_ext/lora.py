@@ -27,7 +27,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from unsloth_ext.checkpointing import handover, memoized, stash, stashed
+from unsloth_ext.checkpointing import checkpoint_memo, handover, memoized, stash, stashed
 from unsloth_ext.nf4 import NF4Weight
 from unsloth_ext.ops._library import (acc_dtype, check_float, check_nonempty, check_pad,
                                       check_same_device)
@@ -280,16 +280,42 @@ def _lora_down(X: torch.Tensor, projs: Sequence[_Projection],
     result: list[torch.Tensor | None] = [None] * len(projs)
     plain = [i for i, p in enumerate(projs) if p.lora and p.keep is None]
     if plain:
-        scalings = {projs[i].scaling for i in plain}
-        common = scalings.pop() if len(scalings) == 1 else 1.0
-        xa = _scaled_mm(X, _stack([projs[i].A for i in plain], 0).t(), common, out=out)
-        for i, part in zip(plain, xa.split([projs[i].A.shape[0] for i in plain], dim=1)):
-            scaling = projs[i].scaling
-            result[i] = part if scaling == common else part.mul_(scaling)
+        ranks = [projs[i].A.shape[0] for i in plain]
+
+        def products() -> torch.Tensor:
+            scalings = {projs[i].scaling for i in plain}
+            common = scalings.pop() if len(scalings) == 1 else 1.0
+            xa = _scaled_mm(X, _stack([projs[i].A for i in plain], 0).t(), common, out=out)
+            for i, part in zip(plain, xa.split(ranks, dim=1)):
+                if projs[i].scaling != common:
+                    part.mul_(projs[i].scaling)
+            return xa
+
+        xa = _computed_once(("lora down", *(id(projs[i].A) for i in plain)), products, out)
+        for i, part in zip(plain, xa.split(ranks, dim=1)):
+            result[i] = part
     for i, p in enumerate(projs):
         if p.lora and p.keep is not None:
-            result[i] = _scaled_mm(_dropped(X, p.keep, p.dropout_p), p.A.t(), p.scaling)
+            result[i] = _computed_once(
+                ("lora down, dropped", id(p.A)),
+                lambda p=p: _scaled_mm(_dropped(X, p.keep, p.dropout_p), p.A.t(), p.scaling))
     return result
+
+
+def _computed_once(key, make, out: torch.Tensor | None = None) -> torch.Tensor:
+    """make(), a rank-r product of an activation; inside an offloaded checkpoint its forward's
+    value, kept in the checkpoint memo until the backward (a compact copy where make writes into
+    out, a view of the caller's tensor) and copied into out when given: the recompute sees the
+    same input and parameters, so it runs no GEMM for it."""
+    memo = checkpoint_memo()
+    if memo is None:
+        return make()
+    held = memo.get(key)
+    if held is None:
+        value = make()
+        memo[key] = value if out is None else value.clone()
+        return value
+    return held if out is None else out.copy_(held)
 
 
 def _project(X: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None,
@@ -337,7 +363,8 @@ def _project_all(X: torch.Tensor, projs: Sequence[_Projection], spare: int, skip
     Where they hold every s·X·Aᵀ (`_widened_input`), an NF4 projection's LoRA term rides in its
     base GEMM: `[X | s·X·Aᵢᵀ | ...]·[W | 0 | Bᵢ | 0]ᵀ`, K widened by Σr, in place of a separate
     rank-r product that writes the whole `[T, out]` output for the base GEMM to read back."""
-    wide = _widened_input(X, projs, spare)
+    # With every output skipped no GEMM reads the widened input.
+    wide = _widened_input(X, projs, spare) if skip < len(projs) else None
     cols = X.shape[1]
     sxas = _lora_down(X, projs, None if wide is None else wide[:, cols:])
     outs, slot = [], 0
@@ -579,10 +606,16 @@ class LoraMLP(torch.autograd.Function):
             e, g = (*restored, *computed)
             if not restored:
                 stash(_STASH_NAME, e, g)
+            # Inside an offloaded checkpoint the recompute (compute_output False) takes
+            # s·D(h)·A_downᵀ from its forward (`_computed_once`); elsewhere backward rebuilds it.
+            memo, sha_key = checkpoint_memo(), ("lora mlp down", id(down.A))
             if not compute_output:
-                Y, sha = X.new_zeros(()).expand(X.shape[0], down.weight.shape[0]), None
+                Y = X.new_zeros(()).expand(X.shape[0], down.weight.shape[0])
+                sha = None if memo is None else memo.get(sha_key)
             else:
                 Y, sha = _mlp_down_forward(X, e, g, activation, down, residual)
+                if memo is not None and sha is not None:
+                    memo[sha_key] = sha
         needs = _needs(ctx, 6, 3)
         ctx.statics, ctx.activation = statics, activation
         ctx.dtypes = _param_dtypes(tensors)

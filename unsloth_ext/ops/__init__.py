@@ -2,7 +2,8 @@
 
 from unsloth_ext.ops.rms_norm import rms_norm, rms_norm_reference
 from unsloth_ext.ops.layer_norm import layer_norm, layer_norm_reference
-from unsloth_ext.ops.add_rms_norm import add_rms_norm, add_rms_norm_reference
+from unsloth_ext.ops.add_rms_norm import (add_rms_norm, add_rms_norm_reference,
+                                          rms_norm_and_residual)
 from unsloth_ext.ops.nf4 import nf4_dequantize, nf4_gemv
 from unsloth_ext.ops.cross_entropy import (LinearCrossEntropy, cross_entropy,
                                            cross_entropy_reference, fused_linear_cross_entropy)
@@ -28,6 +29,6 @@ __all__ = [
     "LinearCrossEntropy", "add_rms_norm", "add_rms_norm_reference", "apply_rope_",
     "apply_rope_reference", "cross_entropy", "cross_entropy_reference",
     "fused_linear_cross_entropy", "geglu", "geglu_backward_", "geglu_reference", "layer_norm",
-    "layer_norm_reference", "nf4_dequantize", "nf4_gemv", "rms_norm", "rms_norm_reference",
-    "rope_cache", "swiglu", "swiglu_backward_", "swiglu_reference",
+    "layer_norm_reference", "nf4_dequantize", "nf4_gemv", "rms_norm", "rms_norm_and_residual",
+    "rms_norm_reference", "rope_cache", "swiglu", "swiglu_backward_", "swiglu_reference",
 ]

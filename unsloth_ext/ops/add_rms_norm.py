@@ -11,7 +11,7 @@ from unsloth_ext._extension import use_kernel
 from unsloth_ext.ops._library import (acc_dtype, check_float, check_nonempty, check_pad,
                                       check_param_dtype, check_same_device, empty_padded, op,
                                       register_op)
-from unsloth_ext.ops.rms_norm import rms_norm_bwd_reference, rms_norm_fwd_reference
+from unsloth_ext.ops.rms_norm import rms_norm, rms_norm_bwd_reference, rms_norm_fwd_reference
 
 
 def add_rms_norm_fwd_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -115,3 +115,38 @@ def _backward(ctx, grad_y, grad_residual_out, _grad_rstd):
 register_op("add_rms_norm_fwd", reference=add_rms_norm_fwd_reference, fake=_fake_fwd,
             backward=_backward, setup_context=_setup_context)
 register_op("add_rms_norm_bwd", reference=add_rms_norm_bwd_reference, fake=_fake_bwd)
+
+
+class _NormKeepingResidual(torch.autograd.Function):
+    """(rms_norm(x), x): see `rms_norm_and_residual`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, gemma, y_pad):
+        y, rstd = op("rms_norm_fwd")(x, weight, eps, gemma, y_pad)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.gemma = gemma
+        ctx.set_materialize_grads(False)
+        return y, x
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_residual):
+        x, weight, rstd = ctx.saved_tensors
+        if grad_y is None:
+            return grad_residual, None, None, None, None
+        # add_rms_norm's backward over x: the norm's gradient plus the residual's, one pass.
+        grad_x, grad_w = op("add_rms_norm_bwd")(grad_y, grad_residual, x, weight, rstd,
+                                                ctx.gemma)
+        return grad_x, grad_w, None, None, None
+
+
+def rms_norm_and_residual(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+                          gemma: bool = False, *, y_pad: int = 0
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x, weight, eps, gemma, y_pad=y_pad), x): the first norm of a pre-norm block,
+    whose input also goes on as the residual (to `add_rms_norm`). Same values; in backward the
+    residual's gradient is added to the norm's in the norm's own pass (add_rms_norm's backward
+    over x), where autograd would sum the two in a pass of its own."""
+    _check_args(x, x, weight, eps, y_pad)
+    if not (use_kernel("rms_norm", x) and use_kernel("add_rms_norm", x)):
+        return rms_norm(x, weight, eps, gemma, y_pad=y_pad), x
+    return _NormKeepingResidual.apply(x, weight, eps, gemma, y_pad)

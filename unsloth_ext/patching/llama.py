@@ -127,16 +127,16 @@ def decoder_layer_forward(self, hidden_states: torch.Tensor, attention_mask=None
                           position_ids=None, past_key_values=None, use_cache=False,
                           position_embeddings=None, **kwargs) -> torch.Tensor:
     from unsloth_ext.checkpointing import gradient_sum, recomputing
-    from unsloth_ext.ops.add_rms_norm import add_rms_norm
-    from unsloth_ext.ops.rms_norm import rms_norm
+    from unsloth_ext.ops.add_rms_norm import add_rms_norm, rms_norm_and_residual
 
     # Both norms leave room after their rows for the LoRA Functions' s·X·Aᵀ columns, which the
     # base GEMMs then read (spare_columns).
     attention, mlp = self.self_attn, self.mlp
     room = _lora_room(attention.q_proj, attention.k_proj, attention.v_proj)
-    residual = hidden_states
     norm = self.input_layernorm
-    hidden_states = rms_norm(hidden_states, norm.weight, norm.variance_epsilon, y_pad=room)
+    # The norm's backward also adds the residual's gradient (no separate sum of the two).
+    hidden_states, residual = rms_norm_and_residual(hidden_states, norm.weight,
+                                                    norm.variance_epsilon, y_pad=room)
     hidden_states, _ = attention(hidden_states=hidden_states, attention_mask=attention_mask,
                                  position_ids=position_ids, past_key_values=past_key_values,
                                  use_cache=use_cache, position_embeddings=position_embeddings,
