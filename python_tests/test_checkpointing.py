@@ -150,14 +150,16 @@ def test_configure_offload_returns_the_settings_it_replaced():
 
 
 @pytest.mark.parametrize("backlog_ms, backward_ms, lead_ms, expected", [
-    (0.0, 10.0, 0.0, 2), (2.0, 10.0, 0.0, 1), (4.0, 10.0, 0.0, 0), (0.0, 5.0, 0.0, 1),
-    (0.0, 5.0, 0.5, 2), (0.0, 2.0, 0.0, 0)])
+    (0.0, 10.0, 0.0, 2), (3.0, 10.0, 0.0, 2), (4.0, 10.0, 0.0, 1), (7.0, 10.0, 0.0, 0),
+    (0.0, 5.0, 0.0, 1), (0.0, 5.0, 0.5, 2), (0.0, 2.0, 0.0, 0)])
 def test_planner_stashes_the_leading_tensors_the_link_serves_in_time(backlog_ms, backward_ms,
                                                                       lead_ms, expected):
     # Two 235-byte tensors and a 50-byte layer input at 0.01 ms a byte, 3 ms of compute a layer:
-    # forward, one tensor and the input add 2.85 ms to the backlog, both 5.2 ms, within the 6 ms
-    # of two layers; backward, they come back in as long, within a layer's backward and the lead.
+    # forward, one tensor and the input add 2.85 ms to the backlog, both 5.2 ms, within the 9 ms
+    # of three layers (DEPTH - 1); backward, they come back in as long, within a layer's backward
+    # and the lead.
     planner = checkpointing._StashPlanner(None)
+    assert planner.DEPTH == 4
     planner._backlog_ms, planner._input_bytes = backlog_ms, 50
     assert planner.affordable([235, 235], 0.01, 3.0, backward_ms, lead_ms) == expected
 
