@@ -93,8 +93,9 @@ def checkpoint_memo() -> dict | None:
     """The dict shared by the running offloaded checkpoint's forward and its recompute in the
     backward (None outside one). A function may keep there what it computed in the forward from
     parameters and the checkpoint's inputs, and reuse it when recomputed: the recompute sees the
-    same input and parameters (the optimizer steps after it) and draws the same random numbers. Keys should name their owner, e.g. ("adapters", ...). The
-    dict is dropped once the checkpoint's backward is done."""
+    same input and parameters (the optimizer steps after it) and draws the same random numbers.
+    Keys should name their owner, e.g. ("adapters", ...). The dict is dropped once the
+    checkpoint's backward is done."""
     return _MEMO.get()
 
 

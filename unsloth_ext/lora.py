@@ -606,8 +606,9 @@ class LoraMLP(torch.autograd.Function):
             e, g = (*restored, *computed)
             if not restored:
                 stash(_STASH_NAME, e, g)
-            # Inside an offloaded checkpoint the recompute (compute_output False) takes
-            # s·D(h)·A_downᵀ from its forward (`_computed_once`); elsewhere backward rebuilds it.
+            # Inside an offloaded checkpoint the forward keeps s·D(h)·A_downᵀ in the memo, as
+            # `_computed_once` keeps the other rank-r products, and the recompute (compute_output
+            # False) takes it from there; elsewhere the backward rebuilds it.
             memo, sha_key = checkpoint_memo(), ("lora mlp down", id(down.A))
             if not compute_output:
                 Y = X.new_zeros(()).expand(X.shape[0], down.weight.shape[0])
