@@ -518,7 +518,8 @@ def _check_gemv(y, x, w, lora=None):
     assert_no_worse_than_reference(y, torch_path, oracle, slack=1e-4)
 
 
-GEMV_SHAPES = [(1, 64), (7, 192), (769, 4160), (5125, 1088), (4096, 14336), (14336, 4096)]
+GEMV_SHAPES = [(1, 64), (7, 192), (769, 384), (769, 4160), (5125, 1088), (4096, 14336),
+               (14336, 4096)]
 
 
 @pytest.mark.cuda

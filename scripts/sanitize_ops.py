@@ -53,13 +53,15 @@ def nf4_ops(dtype: torch.dtype) -> None:
     w.dequantize(out)
     a = torch.randn(8, 256, device="cuda", dtype=dtype)
     b = torch.randn(192, 8, device="cuda", dtype=dtype)
-    # More 16-row tiles than SMs, K not a multiple of the slab group (a ragged last group), fp32
-    # absmax.
-    wide = quantize_nf4(torch.randn(4100, 320, device="cuda", dtype=dtype), 128, False)
+    # More 16-row tiles than SMs, fp32 absmax; K = 320: the slab layout with a ragged last group;
+    # K = 384: the span layout with groups of one span (at M <= 4).
+    wide = {k: quantize_nf4(torch.randn(4100, k, device="cuda", dtype=dtype), 128, False)
+            for k in (320, 384)}
     with torch.no_grad():
         for m in (1, 3, 16):
             nf4_matmul(torch.randn(m, 256, device="cuda", dtype=dtype), w, LoRA(a, b, 0.5))
-            nf4_matmul(torch.randn(m, 320, device="cuda", dtype=dtype), wide)
+            for k, weight in wide.items():
+                nf4_matmul(torch.randn(m, k, device="cuda", dtype=dtype), weight)
 
 for dtype in (torch.bfloat16, torch.float32):
     for cols in (8, 769, 4096):  # vector paths, scalar path

@@ -6,25 +6,34 @@
 // fp32 level * fp32 absmax, then one rounding to the 16-bit type.
 //
 // GEMV: tensor cores do the multiply. A warp owns 16 weight rows (the mma's A operand, rows g and
-// g + 8 of each lane's quad) and a fixed range of K; each lane reads 8 packed bytes of both rows
-// per 64-value slab, so a quad covers one slab, which lies in one absmax block (blocksize >= 64).
-// Within a slab the K order given to the mma is permuted (lane t's 16 values feed mma steps 0..3,
-// four at a time), and x, the B operand, is read with the same permutation, so the products pair
-// up correctly. A byte becomes the operand register (two 16-bit levels) with one PRMT and one
-// shared-memory lookup; the block's absmax is applied to the fp32 mma result per slab. So the
-// levels enter rounded to the 16-bit type (bitsandbytes' own GEMV also rounds the absmax and the
-// product), a per-weight error of the size of the 16-bit rounding of a dequantized weight. The 16
-// warps of a block split K and add their partial sums through shared memory in a fixed order.
-// A warp walks its slabs in unrolled groups, loading the next group while it computes one; group
-// boundaries fall on tile boundaries, so the walk's bookkeeping runs once per group, and only
-// when K is not a multiple of the group (kRagged) do the slabs' loads carry a bounds predicate.
-// The number of x rows (one or two m-tiles of 8) and the absmax format are template arguments
-// too, so the walk has no per-slab branches on them.
+// g + 8 of each lane's quad) and a fixed range of K. A byte becomes the operand register (two
+// 16-bit levels) with one PRMT and one shared-memory lookup, and each absmax block's scale is
+// applied to the fp32 mma result. So the levels enter rounded to the 16-bit type (bitsandbytes'
+// own GEMV also rounds the absmax and the product), a per-weight error of the size of the 16-bit
+// rounding of a dequantized weight. The warps of a block split K and add their partial sums
+// through shared memory in a fixed order. Within the lanes' share of K the order given to the mma
+// is permuted, and x, the B operand, is read with the same permutation, so the products pair up.
+// Two layouts:
+// - Slab (any M up to 16): each lane reads 8 packed bytes of both rows per 64-value slab, so a
+//   quad covers one slab, which lies in one absmax block (blocksize >= 64); x rows are the mma
+//   columns. A warp walks its slabs in unrolled groups, loading the next group while it computes
+//   one; only when K is not a multiple of the group (kRagged) do the loads carry a bounds
+//   predicate.
+// - Span (M <= 4, K a multiple of 128): each lane reads 16 bytes of both rows per 128-value span,
+//   half the load instructions, each touching the same 8 rows; lanes t = 0, 1 of a quad then hold
+//   the span's first block and t = 2, 3 its second, so each x row takes two mma columns, one per
+//   block (x zeroed on the other block's k), and each column is scaled by its own block's absmax.
+//   On the H200 this reads the weight about 15% faster at M = 1 (the walk is bound by the L1
+//   pipe: lookups, loads and shuffles); with more rows of x the doubled columns cost more than
+//   the halved loads save.
+// The number of x rows, the group length and the absmax format are template arguments, so the
+// walks have no per-slab branches on them.
 #include "kernels/nf4.h"
 
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
+#include <type_traits>
 #include <string>
 
 #include "core/device_math.cuh"
@@ -47,13 +56,16 @@ constexpr int kGroup = 8;          // values per 4-byte group
 constexpr int kGemvThreads = 512;
 constexpr int kGemvWarps = kGemvThreads / 32;
 constexpr int kTileRows = 16;
-// Slabs a warp computes as one unrolled group while the next group's loads are in flight (two
-// m-tiles hold twice the x and accumulator registers per slab, so half as many).
+// Slab layout: slabs a warp computes as one unrolled group while the next group's loads are in
+// flight (two m-tiles hold twice the x and accumulator registers per slab, so half as many).
 template <int kMTiles>
 constexpr int kGemvGroup = 4 / kMTiles;
 // Slabs of a group whose absmax one lane decodes (a half-warp covers one slab's 16 rows).
 template <int kMTiles>
 constexpr int kScaleSlabs = kGemvGroup<kMTiles> / 2;
+// Span layout: the rows of x it takes, and spans per group (one when K is not a multiple).
+constexpr int kGemvSpanMaxRows = 4;
+constexpr int kGemvGroupSpans = 2;
 // Byte -> pair-of-levels table, one copy per lane (conflict-free lookups of random bytes). An
 // entry spans 256 bytes so that PRMT can form the address (byte << 8 | lane * 4) in one step.
 constexpr int kLutEntryBytes = 256;
@@ -189,6 +201,107 @@ __device__ __forceinline__ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4
 #endif
 }
 
+template <typename B>
+__device__ __forceinline__ float lora_b_dot(const NF4GemvParams& p, int64_t m, int64_t n) {
+  const B* b = static_cast<const B*>(p.lora_b) + n * p.rank;
+  const float* xa = p.lora_xa + m * p.rank;
+  float sum = 0;
+  for (int64_t j = 0; j < p.rank; ++j) sum += xa[j] * convert<float>(b[j]);
+  return sum;
+}
+
+// A GEMV block's shared memory: the warps' partial sums of a round of tiles, [tile][warp][kRegs]
+// [32 lanes], then the level-pair table at the next 64 KiB boundary (see lut_pair).
+struct GemvShared {
+  float* partial;
+  uint32_t lut_base;
+};
+
+// Builds the level-pair table (each entry one pair repeated for the 32 lanes; a thread writes a
+// quarter of one) and the second-level code table. The high nibble's level is the same across a
+// warp and the low nibble's comes by shuffle (constant memory serializes lanes that read
+// different addresses).
+template <typename T, int kRegs, bool kDouble>
+__device__ __forceinline__ GemvShared gemv_tables(unsigned char* smem, float* code2,
+                                                  const NF4View& w, int tiles_per_round) {
+  const auto smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t partial_end =
+      smem_base + tiles_per_round * (blockDim.x / 32) * kRegs * 32 * sizeof(float);
+  const uint32_t lut_base = (partial_end + kLutBytes - 1) & ~uint32_t{kLutBytes - 1};
+  unsigned char* lut = smem + (lut_base - smem_base);
+  const float lane_level = kNF4Levels[threadIdx.x % 16];
+  for (int i = threadIdx.x; i < 4 * 256; i += blockDim.x) {
+    const int byte = i / 4;
+    const uint32_t pair =
+        pack_pair<T>(kNF4Levels[byte >> 4], __shfl_sync(~0u, lane_level, byte & 15));
+    uint4* quarter = reinterpret_cast<uint4*>(lut + byte * kLutEntryBytes) + 2 * (i % 4);
+    quarter[0] = quarter[1] = make_uint4(pair, pair, pair, pair);
+  }
+  if constexpr (kDouble) load_code2(w, code2);
+  __syncthreads();
+  return {reinterpret_cast<float*>(smem), lut_base};
+}
+
+// Sums the warps' partials of `count` tiles from `first_tile` in a fixed order, adds the LoRA
+// term, and writes y. Weight row r of a tile times x row m sits in lane (r % 8) * 4 + m % 8 / 2,
+// register m % 2 + 2 (r / 8) + 4 (m / 8) of a slab-layout warp, and in lane (r % 8) * 4 + m % 4,
+// register 2 (m / 4) + r / 8 of a span-layout warp.
+template <typename T, int kRegs, bool kSpanLayout>
+__device__ void finish_tiles(const NF4GemvParams& p, const float* partial, int64_t first_tile,
+                             int count) {
+  const int warps = blockDim.x / 32;
+  const int rows_m = kTileRows * static_cast<int>(p.m);
+  for (int o = threadIdx.x; o < count * rows_m; o += blockDim.x) {
+    const int r = o % kTileRows;
+    const int m = (o / kTileRows) % static_cast<int>(p.m);
+    const int slot = o / rows_m;
+    const int64_t n = (first_tile + slot) * kTileRows + r;
+    if (n >= p.n) continue;
+    const int lane = (r % 8) * 4 + (kSpanLayout ? m % 4 : m % 8 / 2);
+    const int reg = kSpanLayout ? 2 * (m / 4) + r / 8 : m % 2 + 2 * (r / 8) + 4 * (m / 8);
+    const float* part = partial + (slot * warps * kRegs + reg) * 32 + lane;
+    float sum = 0;
+    for (int w = 0; w < warps; ++w) sum += part[w * kRegs * 32];
+    if (p.lora_a != nullptr) {
+      sum += p.lora_b_dtype == DType::kFloat32 ? lora_b_dot<float>(p, m, n)
+                                               : lora_b_dot<T>(p, m, n);
+    }
+    static_cast<T*>(p.y)[m * p.n + n] = convert<T>(sum);
+  }
+}
+
+// Leaves the warp's sums for `tile` (acc, flattened) in its slot of the round and zeroes them;
+// after the round's last tile the block finishes it (every warp calls this for every tile).
+template <typename T, bool kSpanLayout, int kA, int kB>
+__device__ __forceinline__ void end_tile(const NF4GemvParams& p, float* partial,
+                                         float (&acc)[kA][kB], int64_t tile, int64_t tile_end,
+                                         int tiles_per_round, int& slot) {
+  constexpr int kRegs = kA * kB;
+  const int warps = blockDim.x / 32;
+  float* mine = partial + (slot * warps + threadIdx.x / 32) * kRegs * 32 + threadIdx.x % 32;
+#pragma unroll
+  for (int a = 0; a < kA; ++a) {
+#pragma unroll
+    for (int b = 0; b < kB; ++b) {
+      mine[(kB * a + b) * 32] = acc[a][b];
+      acc[a][b] = 0;
+    }
+  }
+  if (++slot == tiles_per_round || tile + 1 == tile_end) {
+    __syncthreads();
+    finish_tiles<T, kRegs, kSpanLayout>(p, partial, tile + 1 - slot, slot);
+    __syncthreads();
+    slot = 0;
+  }
+}
+
+// The walk of a launch: tiles_per_round tiles are finished per round, and each warp owns the
+// groups [warp * groups / warps, (warp + 1) * groups / warps) of every tile.
+struct GemvWalk {
+  int tiles_per_round;
+  uint32_t groups;
+};
+
 // What a lane reads of one slab: 8 packed bytes (16 values) of each of its weight rows g and g + 8.
 struct SlabWords {
   uint2 row[2];
@@ -298,62 +411,19 @@ __device__ __forceinline__ void compute_slab(const SlabWords& s, const uint4 (&x
   }
 }
 
-template <typename B>
-__device__ __forceinline__ float lora_b_dot(const NF4GemvParams& p, int64_t m, int64_t n) {
-  const B* b = static_cast<const B*>(p.lora_b) + n * p.rank;
-  const float* xa = p.lora_xa + m * p.rank;
-  float sum = 0;
-  for (int64_t j = 0; j < p.rank; ++j) sum += xa[j] * convert<float>(b[j]);
-  return sum;
-}
-
-// Sums the warps' partials of `count` tiles from `first_tile` in a fixed order, adds the LoRA
-// term, and writes y. partial: [tile][warp][4 * kMTiles][32 lanes].
-template <typename T, int kMTiles>
-__device__ void finish_tiles(const NF4GemvParams& p, const float* partial, int64_t first_tile,
-                             int count) {
-  constexpr int kRegs = 4 * kMTiles;
-  const int warps = blockDim.x / 32;
-  const int rows_m = kTileRows * static_cast<int>(p.m);
-  for (int o = threadIdx.x; o < count * rows_m; o += blockDim.x) {
-    const int r = o % kTileRows;
-    const int m = (o / kTileRows) % static_cast<int>(p.m);
-    const int slot = o / rows_m;
-    const int64_t n = (first_tile + slot) * kTileRows + r;
-    if (n >= p.n) continue;
-    const int lane = (r % 8) * 4 + (m % 8) / 2;
-    const int reg = m % 2 + 2 * (r / 8) + 4 * (m / 8);
-    const float* part = partial + (slot * warps * kRegs + reg) * 32 + lane;
-    float sum = 0;
-    for (int w = 0; w < warps; ++w) sum += part[w * kRegs * 32];
-    if (p.lora_a != nullptr) {
-      sum += p.lora_b_dtype == DType::kFloat32 ? lora_b_dot<float>(p, m, n)
-                                               : lora_b_dot<T>(p, m, n);
-    }
-    static_cast<T*>(p.y)[m * p.n + n] = convert<T>(sum);
-  }
-}
-
-// One block per SM; block b owns tiles [b * tiles / grid, (b + 1) * tiles / grid) (a balanced
-// split) and warp w the slab groups [w * groups / warps, (w + 1) * groups / warps) of each (the
+// The slab layout (any M, K a multiple of kNF4GemvSlab). Block b owns tiles
+// [b * tiles / grid, (b + 1) * tiles / grid) (a balanced split) and warp w the slab groups [w * groups / warps, (w + 1) * groups / warps) of each (the
 // launch gives every warp at least one). A warp walks its tiles and, in each, its groups: while
 // it computes a group it loads the next one (the next tile's first group at the end of a tile),
 // so a group's slabs are always in flight. The 16 absmax of a slab are decoded by one half-warp
 // (lane % 16 is the row) and passed to the mma lanes by shuffles. A warp leaves its sums for each
-// tile in shared memory; each round of `tiles_per_round` tiles is then finished by the block.
+// tile in shared memory; each round of tiles is then finished by the block.
 template <typename T, int kMTiles, bool kDouble, bool kRagged>
 __global__ void __launch_bounds__(kGemvThreads, 1)
-nf4_gemv_kernel(const NF4GemvParams p, int tiles_per_round) {
+nf4_gemv_slab_kernel(const NF4GemvParams p, const GemvWalk walk) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float code2[256];
-  constexpr int kRegs = 4 * kMTiles;
   const int warps = blockDim.x / 32;
-  // The partial sums first, then the table at the next 64 KiB boundary (see lut_pair).
-  float* partial = reinterpret_cast<float*>(smem);
-  const auto smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const uint32_t partial_end = smem_base + tiles_per_round * warps * kRegs * 32 * sizeof(float);
-  const uint32_t lut_base = (partial_end + kLutBytes - 1) & ~uint32_t{kLutBytes - 1};
-  unsigned char* lut = smem + (lut_base - smem_base);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int64_t tiles = ceil_div(p.n, kTileRows);
@@ -361,9 +431,8 @@ nf4_gemv_kernel(const NF4GemvParams p, int tiles_per_round) {
   const int64_t tile_end = (blockIdx.x + 1) * tiles / gridDim.x;
   const auto slabs = static_cast<uint32_t>(p.k / kNF4GemvSlab);
   constexpr int kSlabs = kGemvGroup<kMTiles>, kScales = kScaleSlabs<kMTiles>;
-  const auto groups = static_cast<uint32_t>(ceil_div(slabs, kSlabs));
-  const uint32_t slab_begin = kSlabs * (warp * groups / warps);
-  const uint32_t slab_end = min(slabs, kSlabs * ((warp + 1) * groups / warps));
+  const uint32_t slab_begin = kSlabs * (warp * walk.groups / warps);
+  const uint32_t slab_end = min(slabs, kSlabs * ((warp + 1) * walk.groups / warps));
   const int shift = p.w.log2_blocksize - 6;
 
   // The lane's 16 values of each slab of x row g + 8 mt start at x_rows[mt] + 64 slab. Lanes past
@@ -388,15 +457,10 @@ nf4_gemv_kernel(const NF4GemvParams p, int tiles_per_round) {
     load_slab<kRagged>(ring[i], p.w, view, slab_begin, i, slab_end - slab_begin);
   }
   load_scales<kDouble, kRagged>(scales, p.w, view, slab_begin, slab_end, lane, shift);
-  for (int i = threadIdx.x; i < 256 * 32; i += blockDim.x) {
-    const int byte = i / 32;
-    reinterpret_cast<uint32_t*>(lut + byte * kLutEntryBytes)[i % 32] =
-        pack_pair<T>(kNF4Levels[byte >> 4], kNF4Levels[byte & 15]);
-  }
-  if constexpr (kDouble) load_code2(p.w, code2);
-  __syncthreads();
+  const GemvShared shared =
+      gemv_tables<T, 4 * kMTiles, kDouble>(smem, code2, p.w, walk.tiles_per_round);
 
-  const uint32_t lane_entry = lut_base + lane * 4;
+  const uint32_t lane_entry = shared.lut_base + lane * 4;
   float acc[kMTiles][4] = {};
   // Computes the group at slab `first` (in the ring) and loads the group at slab `next` of
   // `load_view` in its place.
@@ -439,21 +503,170 @@ nf4_gemv_kernel(const NF4GemvParams p, int tiles_per_round) {
     }
     run_group(last, next_view, slab_begin);
     view = next_view;
-    float* mine = partial + (slot * warps + warp) * kRegs * 32 + lane;
+    end_tile<T, false>(p, shared.partial, acc, tile, tile_end, walk.tiles_per_round, slot);
+  }
+}
+
+// The loads of one group of kSpans spans for one lane: 16 packed bytes (32 values) of each of
+// its weight rows g and g + 8 per span, and the absmax entry of its scale row and block (row
+// lane % 16 of the tile, the span's block lane / 16) per span as stored (fp32 bits, or the
+// double-quantized code and its second-level scale).
+template <int kSpans, bool kDouble>
+struct SpanLoads {
+  uint4 w[kSpans][2];
+  uint32_t entry[kSpans];
+  float scale2[kDouble ? kSpans : 1];
+};
+
+// Where a lane's loads of a group start: its 16 bytes of rows g and g + 8 at the group's first
+// span, its 32 values of x there (row g / 2), and the flat index (row * slabs + slab) of its scale
+// row's slab there. Rows past the end of the weight read the last row (their results are never
+// stored); so do x rows past the last (their loads are skipped).
+struct SpanSpot {
+  const uint4* w[2];
+  const uint4* x;
+  uint32_t scale_slab;
+};
+
+template <typename T>
+__device__ __forceinline__ SpanSpot span_spot(const NF4GemvParams& p, int64_t tile, uint32_t span,
+                                              int lane) {
+  const int64_t spans = p.k / kNF4GemvSpan;
+  const int64_t first_row = tile * kTileRows;
+  const int g = lane / 4, t = lane % 4;
+  SpanSpot s;
 #pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt) {
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = min(first_row + g + 8 * r, p.n - 1);
+    s.w[r] = reinterpret_cast<const uint4*>(p.w.packed) + (row * spans + span) * 4 + t;
+  }
+  const int64_t m = min(static_cast<int64_t>(g / 2), p.m - 1);
+  s.x = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + m * p.k) + (span * 4 + t) * 4;
+  const int64_t scale_row = min(first_row + lane % kTileRows, p.n - 1);
+  s.scale_slab = static_cast<uint32_t>((scale_row * spans + span) * 2 + lane / kTileRows);
+  return s;
+}
+
+// The spot kSpans spans further along the same rows.
+template <int kSpans>
+__device__ __forceinline__ SpanSpot advance(SpanSpot s) {
+  s.w[0] += 4 * kSpans;
+  s.w[1] += 4 * kSpans;
+  s.x += 16 * kSpans;
+  s.scale_slab += 2 * kSpans;
+  return s;
+}
+
+// Span i of the group at spot s.
+template <int kSpans, bool kDouble>
+__device__ __forceinline__ void load_span(SpanLoads<kSpans, kDouble>& g, const NF4View& w,
+                                          const SpanSpot& s, int i, int shift) {
+  g.w[i][0] = __ldcs(s.w[0] + 4 * i);
+  g.w[i][1] = __ldcs(s.w[1] + 4 * i);
+  const uint32_t entry = (s.scale_slab + 2 * i) >> shift;
+  if constexpr (kDouble) {
+    g.entry[i] = __ldg(static_cast<const uint8_t*>(w.absmax) + entry);
+    g.scale2[i] = __ldg(w.absmax2 + entry / kNF4AbsmaxBlock);
+  } else {
+    g.entry[i] = __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + entry));
+  }
+}
+
+// Component i of a 16-byte word.
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// acc[r] += the span's products of weight row g + 8 r with x row t, each of the span's two blocks
+// scaled by its absmax: scale[r] for the first block (lanes t = 0, 1 hold it), scale[2 + r] for
+// the second. w holds the lane's 16 packed bytes of rows g and g + 8; byte j feeds mma step j / 2
+// (k = 2t, 2t + 1 for even j, 2t + 8, 2t + 9 for odd j). Column c of the mma is x row c / 2
+// restricted to block c % 2: lane (g, t) reads its 32 values of x row g / 2 (x + x_offset) when
+// block g % 2 is the one its t holds (t / 2 == g % 2) and that row exists (live), and holds zeros
+// otherwise, so that each column sums one block.
+template <typename T>
+__device__ __forceinline__ void compute_span(const uint4 (&w)[2], const uint4* x, bool live,
+                                             const float (&scale)[4], float (&acc)[1][2],
+                                             uint32_t lane_entry) {
+  float d[4] = {};
+  uint4 xv;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        mine[(4 * mt + j) * 32] = acc[mt][j];
-        acc[mt][j] = 0;
-      }
+  for (int step = 0; step < 8; ++step) {
+    const uint32_t row_lo = word_of(w[0], step / 2), row_hi = word_of(w[1], step / 2);
+    const int b = 2 * (step % 2);
+    const uint32_t a[4] = {lut_pair(row_lo, b, lane_entry), lut_pair(row_hi, b, lane_entry),
+                           lut_pair(row_lo, b + 1, lane_entry),
+                           lut_pair(row_hi, b + 1, lane_entry)};
+    if (step % 2 == 0) xv = live ? __ldg(x + step / 2) : make_uint4(0, 0, 0, 0);
+    mma_16x8x16<T>(d, a, step % 2 == 0 ? xv.x : xv.z, step % 2 == 0 ? xv.y : xv.w);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) acc[0][r] += scale[r] * d[2 * r] + scale[2 + r] * d[2 * r + 1];
+}
+
+// The span layout (M <= kGemvSpanMaxRows, K a multiple of kNF4GemvSpan). Block b owns tiles
+// [b * tiles / grid, (b + 1) * tiles / grid) (a balanced split). A warp walks its tiles and, in
+// each, its groups: while it computes a group it loads the next one (the next tile's first group
+// at the end of a tile), so a group's loads are always in flight. The absmax of a slab is decoded
+// by one lane (row lane % 16, block lane / 16 of the span) and passed to the mma lanes by
+// shuffles. A warp leaves its sums for each tile in shared memory; each round of tiles is then
+// finished by the block.
+template <typename T, int kSpans, bool kDouble>
+__global__ void __launch_bounds__(kGemvThreads, 1)
+nf4_gemv_span_kernel(const NF4GemvParams p, const GemvWalk walk) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ float code2[256];
+  const int warps = blockDim.x / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int64_t tiles = ceil_div(p.n, kTileRows);
+  const int64_t tile_begin = blockIdx.x * tiles / gridDim.x;
+  const int64_t tile_end = (blockIdx.x + 1) * tiles / gridDim.x;
+  const uint32_t group_begin = warp * walk.groups / warps;
+  const uint32_t group_end = (warp + 1) * walk.groups / warps;
+  const int shift = p.w.log2_blocksize - 6;
+  const bool live = g / 2 < p.m && g % 2 == t / 2;
+
+  // Load the first group first so that its loads are in flight while the tables are built.
+  SpanSpot spot = span_spot<T>(p, tile_begin, group_begin * kSpans, lane);
+  SpanLoads<kSpans, kDouble> loads;
+#pragma unroll
+  for (int i = 0; i < kSpans; ++i) load_span(loads, p.w, spot, i, shift);
+  const GemvShared shared = gemv_tables<T, 2, kDouble>(smem, code2, p.w, walk.tiles_per_round);
+
+  const uint32_t lane_entry = shared.lut_base + lane * 4;
+  float acc[1][2] = {};
+  int slot = 0;  // the tile's place in the current round
+  int64_t tile = tile_begin;
+  uint32_t group = group_begin;
+  while (true) {
+    // Past the block's last tile, the next spot is a harmless reload of its first group.
+    const bool tile_done = group + 1 == group_end;
+    const SpanSpot next =
+        !tile_done ? advance<kSpans>(spot)
+                   : span_spot<T>(p, min(tile + 1, tile_end - 1), group_begin * kSpans, lane);
+    float scale[kSpans];
+#pragma unroll
+    for (int i = 0; i < kSpans; ++i) {
+      scale[i] = kDouble ? decode_double_quant(code2[loads.entry[i]], loads.scale2[i],
+                                               p.w.offset)
+                         : __uint_as_float(loads.entry[i]);
     }
-    if (++slot == tiles_per_round || tile == tile_end - 1) {
-      __syncthreads();
-      finish_tiles<T, kMTiles>(p, partial, tile + 1 - slot, slot);
-      __syncthreads();
-      slot = 0;
+#pragma unroll
+    for (int i = 0; i < kSpans; ++i) {
+      const float span_scale[4] = {
+          __shfl_sync(~0u, scale[i], g), __shfl_sync(~0u, scale[i], g + 8),
+          __shfl_sync(~0u, scale[i], g + 16), __shfl_sync(~0u, scale[i], g + 24)};
+      compute_span<T>(loads.w[i], spot.x + 16 * i, live, span_scale, acc, lane_entry);
+      load_span(loads, p.w, next, i, shift);
     }
+    spot = next;
+    if (!tile_done) {
+      ++group;
+      continue;
+    }
+    end_tile<T, true>(p, shared.partial, acc, tile, tile_end, walk.tiles_per_round, slot);
+    if (++tile == tile_end) break;
+    group = group_begin;
   }
 }
 
@@ -505,24 +718,23 @@ void dispatch_16bit(DType d, F&& f) {
   }
 }
 
-template <typename T, int kMTiles, bool kDouble, bool kRagged>
-void gemv_launch(const NF4GemvParams& p, cudaStream_t stream) {
+// One block per SM. A tile takes as long as its busiest warp: the fewest warps that give none
+// more than ceil(groups / kGemvWarps) groups (every warp gets at least one).
+template <int kRegs, typename Kernel>
+void gemv_launch(Kernel kernel, const NF4GemvParams& p, int64_t groups, cudaStream_t stream) {
   const int64_t tiles = ceil_div(p.n, kTileRows);
   const int64_t grid = std::min<int64_t>(tiles, sm_count());
-  // Every warp gets at least one group of each tile.
-  const int warps = static_cast<int>(
-      std::min<int64_t>(kGemvWarps, ceil_div(p.k / kNF4GemvSlab, kGemvGroup<kMTiles>)));
-  const size_t tile_bytes = static_cast<size_t>(warps) * 4 * kMTiles * 32 * sizeof(float);
+  const int warps = static_cast<int>(ceil_div(groups, ceil_div(groups, kGemvWarps)));
+  const size_t tile_bytes = static_cast<size_t>(warps) * kRegs * 32 * sizeof(float);
   // The table sits at a 64 KiB boundary of the shared window: up to 64 KiB of padding before it.
   // Static shared memory (code2) is part of the opt-in limit too.
   const size_t room = max_dynamic_smem() - 2 * kLutBytes - 256 * sizeof(float);
   const int64_t tiles_per_round = std::max<int64_t>(
       1, std::min<int64_t>(ceil_div(tiles, grid), static_cast<int64_t>(room / tile_bytes)));
   const size_t smem = 2 * kLutBytes + tiles_per_round * tile_bytes;
-  const auto kernel = nf4_gemv_kernel<T, kMTiles, kDouble, kRagged>;
   prepare_blocks(kernel, kGemvThreads, smem);
   kernel<<<static_cast<unsigned>(grid), warps * 32, smem, stream>>>(
-      p, static_cast<int>(tiles_per_round));
+      p, GemvWalk{static_cast<int>(tiles_per_round), static_cast<uint32_t>(groups)});
 }
 
 template <typename T>
@@ -533,11 +745,20 @@ void gemv_typed(const NF4GemvParams& p, cudaStream_t stream) {
           <<<static_cast<unsigned>(p.rank), 256, 0, stream>>>(p);
     });
   }
-  dispatch_flag(p.m > 8, [&](auto two_m_tiles) {
-    constexpr int kMTiles = two_m_tiles ? 2 : 1;
-    dispatch_flag(p.w.absmax2 != nullptr, [&](auto double_quant) {
+  dispatch_flag(p.w.absmax2 != nullptr, [&](auto double_quant) {
+    if (p.m <= kGemvSpanMaxRows && p.k % kNF4GemvSpan == 0) {
+      dispatch_flag(p.k % (kGemvGroupSpans * kNF4GemvSpan) == 0, [&](auto full) {
+        constexpr int kSpans = full ? kGemvGroupSpans : 1;
+        gemv_launch<2>(nf4_gemv_span_kernel<T, kSpans, double_quant>, p,
+                       p.k / kNF4GemvSpan / kSpans, stream);
+      });
+      return;
+    }
+    dispatch_flag(p.m > 8, [&](auto two_m_tiles) {
+      constexpr int kMTiles = two_m_tiles ? 2 : 1;
       dispatch_flag(p.k % (kGemvGroup<kMTiles> * kNF4GemvSlab) != 0, [&](auto ragged) {
-        gemv_launch<T, kMTiles, double_quant, ragged>(p, stream);
+        gemv_launch<4 * kMTiles>(nf4_gemv_slab_kernel<T, kMTiles, double_quant, ragged>, p,
+                                 ceil_div(p.k / kNF4GemvSlab, kGemvGroup<kMTiles>), stream);
       });
     });
   });

@@ -14,8 +14,10 @@ namespace unsloth_ext {
 constexpr int kNF4AbsmaxBlock = 256;
 // The GEMV handles at most this many rows of x.
 constexpr int kNF4GemvMaxRows = 16;
-// The GEMV reads each row of the weight in slabs of this many values (32 packed bytes).
+// The GEMV reads each row of the weight in slabs of this many values (32 packed bytes), or, for a
+// few rows of x and K a multiple, in spans of two slabs.
 constexpr int kNF4GemvSlab = 64;
+constexpr int kNF4GemvSpan = 2 * kNF4GemvSlab;
 // The GEMV addresses the weight in 32-bit units of 16 values.
 constexpr int64_t kNF4GemvMaxValues = int64_t{1} << 36;
 
