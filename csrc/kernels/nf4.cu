@@ -20,12 +20,12 @@
 //   one; only when K is not a multiple of the group (kRagged) do the loads carry a bounds
 //   predicate.
 // - Span (M <= 4, K a multiple of 128): each lane reads 16 bytes of both rows per 128-value span,
-//   half the load instructions, each touching the same 8 rows; lanes t = 0, 1 of a quad then hold
-//   the span's first block and t = 2, 3 its second, so each x row takes two mma columns, one per
+//   half the load instructions for the same 8 rows; lanes t = 0, 1 of a quad then hold the
+//   span's first block and t = 2, 3 its second, so each x row takes two mma columns, one per
 //   block (x zeroed on the other block's k), and each column is scaled by its own block's absmax.
-//   On the H200 this reads the weight about 15% faster at M = 1 (the walk is bound by the L1
-//   pipe: lookups, loads and shuffles); with more rows of x the doubled columns cost more than
-//   the halved loads save.
+//   On the H200 bench_ops' M = 1 rows went from 1543-1561 GB/s to 1888-1918 (the walk is bound by
+//   the L1 pipe: lookups, loads and shuffles); with more rows of x the doubled columns cost more
+//   than the halved loads save.
 // The number of x rows, the group length and the absmax format are template arguments, so the
 // walks have no per-slab branches on them.
 #include "kernels/nf4.h"
@@ -242,6 +242,14 @@ __device__ __forceinline__ GemvShared gemv_tables(unsigned char* smem, float* co
   return {reinterpret_cast<float*>(smem), lut_base};
 }
 
+// An absmax entry as loaded for the GEMV (fp32 bits, or a double-quantized code and its
+// second-level scale) as the block's scale.
+template <bool kDouble>
+__device__ __forceinline__ float entry_scale(uint32_t entry, float scale2, const float* code2,
+                                             const NF4View& w) {
+  return kDouble ? decode_double_quant(code2[entry], scale2, w.offset) : __uint_as_float(entry);
+}
+
 // Sums the warps' partials of `count` tiles from `first_tile` in a fixed order, adds the LoRA
 // term, and writes y. Weight row r of a tile times x row m sits in lane (r % 8) * 4 + m % 8 / 2,
 // register m % 2 + 2 (r / 8) + 4 (m / 8) of a slab-layout warp, and in lane (r % 8) * 4 + m % 4,
@@ -412,12 +420,13 @@ __device__ __forceinline__ void compute_slab(const SlabWords& s, const uint4 (&x
 }
 
 // The slab layout (any M, K a multiple of kNF4GemvSlab). Block b owns tiles
-// [b * tiles / grid, (b + 1) * tiles / grid) (a balanced split) and warp w the slab groups [w * groups / warps, (w + 1) * groups / warps) of each (the
-// launch gives every warp at least one). A warp walks its tiles and, in each, its groups: while
-// it computes a group it loads the next one (the next tile's first group at the end of a tile),
-// so a group's slabs are always in flight. The 16 absmax of a slab are decoded by one half-warp
-// (lane % 16 is the row) and passed to the mma lanes by shuffles. A warp leaves its sums for each
-// tile in shared memory; each round of tiles is then finished by the block.
+// [b * tiles / grid, (b + 1) * tiles / grid) (a balanced split) and warp w the slab groups
+// [w * groups / warps, (w + 1) * groups / warps) of each (the launch gives every warp at least
+// one). A warp walks its tiles and, in each, its groups: while it computes a group it loads the
+// next one (the next tile's first group at the end of a tile), so a group's slabs are always in
+// flight. The 16 absmax of a slab are decoded by one half-warp (lane % 16 is the row) and passed
+// to the mma lanes by shuffles. A warp leaves its sums for each tile in shared memory; each round
+// of tiles is then finished by the block.
 template <typename T, int kMTiles, bool kDouble, bool kRagged>
 __global__ void __launch_bounds__(kGemvThreads, 1)
 nf4_gemv_slab_kernel(const NF4GemvParams p, const GemvWalk walk) {
@@ -468,9 +477,7 @@ nf4_gemv_slab_kernel(const NF4GemvParams p, const GemvWalk walk) {
     float scale[kScales];
 #pragma unroll
     for (int i = 0; i < kScales; ++i) {
-      scale[i] = kDouble ? decode_double_quant(code2[scales.entry[i]], scales.scale2[i],
-                                               p.w.offset)
-                         : __uint_as_float(scales.entry[i]);
+      scale[i] = entry_scale<kDouble>(scales.entry[i], scales.scale2[kDouble ? i : 0], code2, p.w);
     }
     load_scales<kDouble, kRagged>(scales, p.w, load_view, next, slab_end, lane, shift);
     const uint4* x_group[kMTiles];
@@ -647,9 +654,7 @@ nf4_gemv_span_kernel(const NF4GemvParams p, const GemvWalk walk) {
     float scale[kSpans];
 #pragma unroll
     for (int i = 0; i < kSpans; ++i) {
-      scale[i] = kDouble ? decode_double_quant(code2[loads.entry[i]], loads.scale2[i],
-                                               p.w.offset)
-                         : __uint_as_float(loads.entry[i]);
+      scale[i] = entry_scale<kDouble>(loads.entry[i], loads.scale2[kDouble ? i : 0], code2, p.w);
     }
 #pragma unroll
     for (int i = 0; i < kSpans; ++i) {
