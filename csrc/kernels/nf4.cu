@@ -242,8 +242,20 @@ __device__ __forceinline__ GemvShared gemv_tables(unsigned char* smem, float* co
   return {reinterpret_cast<float*>(smem), lut_base};
 }
 
-// An absmax entry as loaded for the GEMV (fp32 bits, or a double-quantized code and its
-// second-level scale) as the block's scale.
+// Loads the GEMV's absmax entry `entry` as stored: the fp32 bits, or the double-quantized code
+// and its second-level scale.
+template <bool kDouble>
+__device__ __forceinline__ void load_entry(const NF4View& w, uint32_t entry, uint32_t& stored,
+                                           float& scale2) {
+  if constexpr (kDouble) {
+    stored = __ldg(static_cast<const uint8_t*>(w.absmax) + entry);
+    scale2 = __ldg(w.absmax2 + entry / kNF4AbsmaxBlock);
+  } else {
+    stored = __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + entry));
+  }
+}
+
+// An absmax entry as loaded by load_entry, as the block's scale.
 template <bool kDouble>
 __device__ __forceinline__ float entry_scale(uint32_t entry, float scale2, const float* code2,
                                              const NF4View& w) {
@@ -376,12 +388,7 @@ __device__ __forceinline__ void load_scales(ScaleWords<kDouble, kSlabs>& s, cons
     s.entry[i] = 0;
     if constexpr (kDouble) s.scale2[i] = 0;
     if (!kRagged || slab < end) {
-      if constexpr (kDouble) {
-        s.entry[i] = __ldg(static_cast<const uint8_t*>(w.absmax) + entry);
-        s.scale2[i] = __ldg(w.absmax2 + entry / kNF4AbsmaxBlock);
-      } else {
-        s.entry[i] = __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + entry));
-      }
+      load_entry<kDouble>(w, entry, s.entry[i], s.scale2[kDouble ? i : 0]);
     }
   }
 }
@@ -570,13 +577,7 @@ __device__ __forceinline__ void load_span(SpanLoads<kSpans, kDouble>& g, const N
                                           const SpanSpot& s, int i, int shift) {
   g.w[i][0] = __ldcs(s.w[0] + 4 * i);
   g.w[i][1] = __ldcs(s.w[1] + 4 * i);
-  const uint32_t entry = (s.scale_slab + 2 * i) >> shift;
-  if constexpr (kDouble) {
-    g.entry[i] = __ldg(static_cast<const uint8_t*>(w.absmax) + entry);
-    g.scale2[i] = __ldg(w.absmax2 + entry / kNF4AbsmaxBlock);
-  } else {
-    g.entry[i] = __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + entry));
-  }
+  load_entry<kDouble>(w, (s.scale_slab + 2 * i) >> shift, g.entry[i], g.scale2[kDouble ? i : 0]);
 }
 
 // Component i of a 16-byte word.
