@@ -21,7 +21,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 @dataclass
 class Case:
     """One op, one direction: the kernel, PyTorch eager and torch.compile of the reference, and
-    the bytes the op must move (each input read once, each output written once)."""
+    the bytes the op must move (each input read once, each output written once). `bound`, for an
+    op that mostly reads: a library kernel reading the same number of bytes with no decoding
+    work, the rate a kernel of that size can stream at (a copy's rate is not reachable there)."""
     op: str
     direction: str  # "fwd" or "bwd"
     shape: str
@@ -29,6 +31,7 @@ class Case:
     kernel: Callable[[], object]
     eager: Callable[[], object]
     compiled: Callable[[], object]
+    bound: Callable[[], object] | None = None
 
 
 def nbytes(*tensors: torch.Tensor) -> int:

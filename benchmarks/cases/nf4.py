@@ -8,7 +8,9 @@ nf4_gemv, nf4_gemv_lora: bytes = the packed weight only (so GB/s and % of copy a
     weight's streaming rate). eager: torch.matmul on the dense bf16 weight (what a 16-bit model
     runs; speedup vs eager is the gain over it); compiled: torch.compile of the
     dequantize-then-matmul reference. The LoRA case adds a rank-16 adapter to every column
-    (eager: PEFT's two extra matmuls).
+    (eager: PEFT's two extra matmuls). bound: torch.matmul of the same x on bf16 weights of
+    as many bytes as the packed ones (out_features / 4 rows), which is cuBLAS streaming the
+    GEMV's bytes; the "x dense" a GEMV can reach is about eager / bound.
     One GEMV moves 29 MB, which would stay in the 50 MB L2 if repeated: each timed call runs the
     product once on each of WEIGHT_COPIES different weights (all columns alike, times and bytes
     for all copies), and kernel and eager calls are replayed from CUDA graphs so that Python's
@@ -37,17 +39,23 @@ def _state(w):
     return (w.packed, w.absmax, w.absmax2, w.code2, w.offset, w.blocksize)
 
 
-def _graphed(fn):
-    """fn() captured in a CUDA graph (after a warm-up run); returns the replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+class _Graphed:
+    """fn() captured in a CUDA graph (after a warm-up run); a call replays it. It holds fn, and
+    with it the tensors the graph reads, which nothing else may keep alive."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            fn()
+
+    def __call__(self):
+        self.graph.replay()
 
 
 def dequantize_cases(tokens: int) -> list[Case]:
@@ -90,6 +98,14 @@ def _gemv_case(out_features: int, in_features: int, rank: int, m: int = 1) -> Ca
             if rank:
                 y = y + (x @ lora[0].T) @ lora[1].T * lora[2]
 
+    # bf16 weights of as many bytes as the packed ones.
+    same_bytes = [torch.randn(out_features // 4, in_features, device="cuda",
+                              dtype=torch.bfloat16) for _ in range(WEIGHT_COPIES)]
+
+    def bound():
+        for d in same_bytes:
+            x @ d.T
+
     def reference(x, state):
         y = x @ nf4_values_reference(*state, x.dtype).view(out_features, in_features).T
         if rank:
@@ -107,7 +123,8 @@ def _gemv_case(out_features: int, in_features: int, rank: int, m: int = 1) -> Ca
     return Case(name, "fwd",
                 f"M={m}, [{out_features}, {in_features}]{adapter}, x{WEIGHT_COPIES} weights",
                 WEIGHT_COPIES * nbytes(weights[0][1].packed),
-                kernel=_graphed(kernel), eager=_graphed(dense), compiled=compiled)
+                kernel=_Graphed(kernel), eager=_Graphed(dense), compiled=compiled,
+                bound=_Graphed(bound))
 
 
 def gemv_cases(tokens: int) -> list[Case]:
