@@ -542,7 +542,7 @@ def test_gemv_kernel_formats_and_dtypes(m, dtype, blocksize, double_quant):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("lora_dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rank", [1, 16, 64])
+@pytest.mark.parametrize("rank", [1, 12, 16, 64])
 @pytest.mark.parametrize("m", [1, 3, 16])
 @pytest.mark.parametrize("shape", [(7, 192), (769, 4160), (4096, 14336)], ids=str)
 def test_gemv_kernel_with_lora(shape, m, rank, lora_dtype):

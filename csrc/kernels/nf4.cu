@@ -271,6 +271,8 @@ __device__ void finish_tiles(const NF4GemvParams& p, const float* partial, int64
                              int count) {
   const int warps = blockDim.x / 32;
   const int rows_m = kTileRows * static_cast<int>(p.m);
+  // With LoRA the walk runs beside the kernel that computes lora_xa (see gemv_launch).
+  if (p.lora_a != nullptr) wait_for_prior_grid();
   for (int o = threadIdx.x; o < count * rows_m; o += blockDim.x) {
     const int r = o % kTileRows;
     const int m = (o / kTileRows) % static_cast<int>(p.m);
@@ -680,6 +682,7 @@ nf4_gemv_span_kernel(const NF4GemvParams p, const GemvWalk walk) {
 template <typename T, typename A>
 __global__ void __launch_bounds__(256) nf4_lora_a_kernel(const NF4GemvParams p) {
   constexpr int kVec = 8;
+  allow_dependent_launch();
   __shared__ float sums[kNF4GemvMaxRows][8];
   const int64_t j = blockIdx.x;
   const A* a = static_cast<const A*>(p.lora_a) + j * p.k;
@@ -739,8 +742,15 @@ void gemv_launch(Kernel kernel, const NF4GemvParams& p, int64_t groups, cudaStre
       1, std::min<int64_t>(ceil_div(tiles, grid), static_cast<int64_t>(room / tile_bytes)));
   const size_t smem = 2 * kLutBytes + tiles_per_round * tile_bytes;
   prepare_blocks(kernel, kGemvThreads, smem);
-  kernel<<<static_cast<unsigned>(grid), warps * 32, smem, stream>>>(
-      p, GemvWalk{static_cast<int>(tiles_per_round), static_cast<uint32_t>(groups)});
+  const GemvWalk walk{static_cast<int>(tiles_per_round), static_cast<uint32_t>(groups)};
+  if (p.lora_a == nullptr) {
+    kernel<<<static_cast<unsigned>(grid), warps * 32, smem, stream>>>(p, walk);
+    return;
+  }
+  // The walk needs lora_xa only when it finishes its tiles: launched as a dependent of the kernel
+  // computing it, it streams the weight meanwhile (kernels before that one have all finished).
+  const DependentLaunch launch(dim3(static_cast<unsigned>(grid)), dim3(warps * 32), smem, stream);
+  cudaLaunchKernelEx(&launch.config, kernel, p, walk);
 }
 
 template <typename T>
